@@ -1,0 +1,146 @@
+"""Which implementation serves an lmrt op: the backends, the user's choice, and the fallback rule.
+
+Backends (ARCHITECTURE.md): `triton` (kernels/ on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1),
+`cuda` and `cpp` (the extension lmrt._C), and `torch` (the plain-PyTorch reference, anywhere).
+
+A user picks one with `lmrt.backend(name)` or the environment variable LMRT_BACKEND; the context manager wins.
+The choice is process-wide, like `torch.nn.attention.sdpa_kernel`, so that it also holds in autograd's
+backward threads. Without a choice, each op takes the first backend of its device's preference order that is
+available and can serve the call; when a preferred backend cannot serve it (float64, say) the op falls back
+with a one-time warning. An explicit choice that cannot serve a call raises instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+
+# Preference order of the default choice, per device type. Later issues reorder these from benchmark figures.
+_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+_chosen: str | None = None
+_warned: set[tuple[str, str, str]] = set()
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown lmrt backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run the lmrt ops called inside the block on backend `name` ("triton", "cuda", "cpp" or "torch").
+
+    The choice is explicit: an op that the backend cannot serve raises rather than falling back.
+    """
+    global _chosen
+    _check_name(name, "lmrt.backend(name)")
+    previous, _chosen = _chosen, name
+    try:
+        yield
+    finally:
+        _chosen = previous
+
+
+def chosen_backend() -> str | None:
+    """The backend the user asked for (context manager first, then LMRT_BACKEND), or None for the default."""
+    if _chosen is not None:
+        return _chosen
+    from_env = os.environ.get("LMRT_BACKEND")
+    return _check_name(from_env, "LMRT_BACKEND") if from_env else None
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_enabled() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors; it must be set before triton is imported."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def extension_status() -> tuple[bool, bool, str]:
+    """(cpp built, cuda built, why not) for the extension lmrt._C."""
+    try:
+        from lmrt import _C
+    except ImportError as error:
+        return False, False, f"lmrt._C is not built ({error})"
+    with_cuda = bool(getattr(_C, "WITH_CUDA", False))
+    return True, with_cuda, "" if with_cuda else "lmrt._C was built without CUDA"
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """Why backend `name` cannot run on tensors of `device_type` in this process, or None when it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        if not _triton_installed():
+            return "triton is not installed"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu":
+            return None if triton_interpreter_enabled() else "triton runs CPU tensors only with TRITON_INTERPRET=1"
+        return f"triton does not run {device_type} tensors"
+    cpp_built, cuda_built, why_not = extension_status()
+    if name == "cpp":
+        if device_type != "cpu":
+            return f"the cpp backend runs CPU tensors, not {device_type} tensors"
+        return None if cpp_built else why_not
+    if device_type != "cuda":
+        return f"the cuda backend runs CUDA tensors, not {device_type} tensors"
+    return None if cuda_built else why_not
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends usable in this process, for `device` if given, else for any device present."""
+    if device is not None:
+        device_types = [torch.device(device).type]
+    else:
+        device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [name for name in BACKENDS if any(unavailable_reason(name, d) is None for d in device_types)]
+
+
+def select(
+    op: str,
+    device: torch.device,
+    implemented: Iterable[str],
+    unsupported: Callable[[str], str | None],
+) -> str:
+    """Pick the backend that runs one call of `op` on `device`.
+
+    `implemented` names the backends that have this op; `unsupported(name)` says why backend `name` cannot
+    serve this particular call (a dtype or size it lacks), or returns None when it can.
+    """
+    implemented = tuple(implemented)
+    chosen = chosen_backend()
+    if chosen is not None:
+        reason = (
+            (None if chosen in implemented else f"it has no implementation of {op}")
+            or unavailable_reason(chosen, device.type)
+            or unsupported(chosen)
+        )
+        if reason:
+            raise RuntimeError(f"lmrt.ops.{op}: the {chosen!r} backend was chosen but cannot serve this call: {reason}")
+        return chosen
+    for name in _DEFAULT_ORDER.get(device.type, ("torch",)):
+        if name not in implemented or unavailable_reason(name, device.type):
+            continue
+        reason = unsupported(name)
+        if reason is None:
+            return name
+        if (op, name, reason) not in _warned:
+            _warned.add((op, name, reason))
+            warnings.warn(f"lmrt.ops.{op}: the {name!r} backend cannot serve this call ({reason}); "
+                          "falling back to the next backend", stacklevel=4)
+    return "torch"

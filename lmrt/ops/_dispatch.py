@@ -1,0 +1,35 @@
+"""Backend choice for one call of an op, and the layout the kernels need."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from lmrt import backends
+
+# The dtypes lmrt's kernels take; anything else (float64) goes to the reference.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pick_backend(op: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> str:
+    """The backend that serves this call of `op`, whose tensors live on `device` and have `dtypes`."""
+    dtypes = tuple(dtypes)
+
+    def unsupported(name: str) -> str | None:
+        unsupported_dtypes = [dtype for dtype in dtypes if dtype not in KERNEL_DTYPES]
+        if name != "torch" and unsupported_dtypes:
+            return f"its kernels take float32, float16 and bfloat16, not {unsupported_dtypes[0]}"
+        return None
+
+    return backends.select(op, device, ("triton", "torch"), unsupported)
+
+
+def unit_column_stride(rows: torch.Tensor) -> torch.Tensor:
+    """An (M, N) tensor whose columns are adjacent in memory: `rows` itself when they already are."""
+    return rows if rows.stride(1) == 1 or rows.shape[1] <= 1 else rows.contiguous()
+
+
+def flat_parameter(param: torch.Tensor | None) -> torch.Tensor | None:
+    """A weight or bias as a contiguous 1-D tensor."""
+    return None if param is None else param.contiguous().view(-1)

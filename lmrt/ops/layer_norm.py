@@ -1,0 +1,107 @@
+"""lmrt.ops.layer_norm: torch.nn.functional.layer_norm on lmrt's backends, forward and backward."""
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lmrt import reference
+from lmrt._layout import as_rows
+from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
+from lmrt.ops._dispatch import flat_parameter, pick_backend, unit_column_stride
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalization over the last `len(normalized_shape)` dims; same call as F.layer_norm."""
+    check_floating("layer_norm", "input", input)
+    normalized_shape = check_normalized_shape("layer_norm", input, normalized_shape)
+    check_parameter("layer_norm", "weight", weight, input, normalized_shape)
+    check_parameter("layer_norm", "bias", bias, input, normalized_shape)
+    return torch.ops.lmrt.layer_norm_fwd(input, normalized_shape, weight, bias, eps)[0]
+
+
+@torch.library.custom_op("lmrt::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, mean, rstd), mean and rstd with one float32 entry per row (float64 for float64 input)."""
+    dtypes = [t.dtype for t in (input, weight, bias) if t is not None]
+    if pick_backend("layer_norm", input.device, dtypes) == "triton":
+        from lmrt.kernels.layer_norm import norm_fwd
+
+        rows = unit_column_stride(as_rows(input, len(normalized_shape)))
+        y, mean, rstd = norm_fwd(rows, flat_parameter(weight), flat_parameter(bias), eps, is_rms_norm=False)
+        return y.view(input.shape), mean, rstd
+    return reference.layer_norm_fwd(input, normalized_shape, weight, bias, eps)
+
+
+@layer_norm_fwd.register_fake
+def _(input, normalized_shape, weight, bias, eps):
+    rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
+    stats_dtype = reference.compute_dtype(input.dtype)
+    return torch.empty_like(input), input.new_empty(rows, dtype=stats_dtype), input.new_empty(rows, dtype=stats_dtype)
+
+
+@torch.library.custom_op("lmrt::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    grad_output: Tensor, input: Tensor, normalized_shape: Sequence[int], mean: Tensor, rstd: Tensor,
+    weight: Optional[Tensor], bias: Optional[Tensor], output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) as aten::native_layer_norm_backward; unasked-for ones are empty."""
+    dtypes = [t.dtype for t in (grad_output, input, weight, bias) if t is not None]
+    if pick_backend("layer_norm", input.device, dtypes) == "triton":
+        from lmrt.kernels.layer_norm import norm_bwd
+
+        ndim = len(normalized_shape)
+        dx, dw, db = norm_bwd(
+            unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim)),
+            flat_parameter(weight), mean, rstd, compute_dw=output_mask[1], compute_db=output_mask[2],
+        )
+        empty = input.new_empty(0)
+        return (
+            dx.view(input.shape) if output_mask[0] else empty,
+            dw.to(weight.dtype).view(weight.shape) if output_mask[1] else empty,
+            db.to(bias.dtype).view(bias.shape) if output_mask[2] else empty,
+        )
+    return reference.layer_norm_bwd(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask)
+
+
+@layer_norm_bwd.register_fake
+def _(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask):
+    empty = input.new_empty(0)
+    return (
+        torch.empty_like(input) if output_mask[0] else empty,
+        torch.empty_like(weight) if output_mask[1] else empty,
+        torch.empty_like(bias) if output_mask[2] else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.normalized_shape = normalized_shape
+
+
+def _backward(ctx, grad_output, _grad_mean, _grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    needs_input, _, needs_weight, needs_bias, _ = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = torch.ops.lmrt.layer_norm_bwd(
+        grad_output, input, ctx.normalized_shape, mean, rstd, weight, bias, [needs_input, needs_weight, needs_bias]
+    )
+    return (
+        grad_input if needs_input else None, None,
+        grad_weight if needs_weight else None, grad_bias if needs_bias else None, None,
+    )
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+

@@ -1,0 +1,101 @@
+"""lmrt.ops.rms_norm: torch.nn.functional.rms_norm on lmrt's backends, forward and backward."""
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lmrt import reference
+from lmrt._layout import as_rows
+from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
+from lmrt.ops._dispatch import flat_parameter, pick_backend, unit_column_stride
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """Root-mean-square normalization over the last `len(normalized_shape)` dims; same call as F.rms_norm.
+
+    `eps=None` means torch.finfo(input.dtype).eps, as in F.rms_norm.
+    """
+    check_floating("rms_norm", "input", input)
+    normalized_shape = check_normalized_shape("rms_norm", input, normalized_shape)
+    check_parameter("rms_norm", "weight", weight, input, normalized_shape)
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    return torch.ops.lmrt.rms_norm_fwd(input, normalized_shape, weight, eps)[0]
+
+
+@torch.library.custom_op("lmrt::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(
+    input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor]:
+    """(output, rstd), rstd with one float32 entry per row (float64 for float64 input)."""
+    dtypes = [t.dtype for t in (input, weight) if t is not None]
+    if pick_backend("rms_norm", input.device, dtypes) == "triton":
+        from lmrt.kernels.layer_norm import norm_fwd
+
+        rows = unit_column_stride(as_rows(input, len(normalized_shape)))
+        y, _, rstd = norm_fwd(rows, flat_parameter(weight), None, eps, is_rms_norm=True)
+        return y.view(input.shape), rstd
+    return reference.rms_norm_fwd(input, normalized_shape, weight, eps)
+
+
+@rms_norm_fwd.register_fake
+def _(input, normalized_shape, weight, eps):
+    rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
+    return torch.empty_like(input), input.new_empty(rows, dtype=reference.compute_dtype(input.dtype))
+
+
+@torch.library.custom_op("lmrt::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(
+    grad_output: Tensor, input: Tensor, normalized_shape: Sequence[int], rstd: Tensor, weight: Optional[Tensor],
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor]:
+    """(grad_input, grad_weight); a gradient that `output_mask` does not ask for is empty."""
+    dtypes = [t.dtype for t in (grad_output, input, weight) if t is not None]
+    if pick_backend("rms_norm", input.device, dtypes) == "triton":
+        from lmrt.kernels.layer_norm import norm_bwd
+
+        ndim = len(normalized_shape)
+        dx, dw, _ = norm_bwd(
+            unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim)),
+            flat_parameter(weight), None, rstd, compute_dw=output_mask[1], compute_db=False,
+        )
+        empty = input.new_empty(0)
+        return (
+            dx.view(input.shape) if output_mask[0] else empty,
+            dw.to(weight.dtype).view(weight.shape) if output_mask[1] else empty,
+        )
+    return reference.rms_norm_bwd(grad_output, input, normalized_shape, rstd, weight, output_mask)
+
+
+@rms_norm_bwd.register_fake
+def _(grad_output, input, normalized_shape, rstd, weight, output_mask):
+    empty = input.new_empty(0)
+    return (
+        torch.empty_like(input) if output_mask[0] else empty,
+        torch.empty_like(weight) if output_mask[1] else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, _ = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.normalized_shape = normalized_shape
+
+
+def _backward(ctx, grad_output, _grad_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    needs_input, _, needs_weight, _ = ctx.needs_input_grad
+    grad_input, grad_weight = torch.ops.lmrt.rms_norm_bwd(
+        grad_output, input, ctx.normalized_shape, rstd, weight, [needs_input, needs_weight]
+    )
+    return grad_input if needs_input else None, None, grad_weight if needs_weight else None, None
+
+
+rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,82 @@
+"""lmrt.ops.softmax and lmrt.ops.log_softmax: the torch.nn.functional calls on lmrt's backends."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lmrt import reference
+from lmrt._layout import as_outer_dim_inner
+from lmrt.ops._checks import check_dim, check_floating
+from lmrt.ops._dispatch import pick_backend
+
+
+def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Softmax over `dim`; same call as F.softmax. `dtype` is the output's dtype (the input is not copied)."""
+    return _softmax("softmax", input, dim, dtype, log=False)
+
+
+def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Log-softmax over `dim`; same call as F.log_softmax."""
+    return _softmax("log_softmax", input, dim, dtype, log=True)
+
+
+def _softmax(op: str, input: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Tensor:
+    check_floating(op, "input", input)
+    dim = check_dim(op, input, dim)
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"lmrt.ops.{op}: `dtype` must be a floating-point dtype, got {dtype}")
+    out_dtype = input.dtype if dtype is None else dtype
+    if input.dim() == 0:
+        return torch.ops.lmrt.softmax_fwd(input.reshape(1), 0, out_dtype, log).reshape(())
+    return torch.ops.lmrt.softmax_fwd(input, dim, out_dtype, log)
+
+
+def _op_name(log: bool) -> str:
+    return "log_softmax" if log else "softmax"
+
+
+@torch.library.custom_op("lmrt::softmax_fwd", mutates_args=())
+def softmax_fwd(input: Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> Tensor:
+    """Softmax, or log-softmax when `log`, of `input` over `dim`, written contiguous in `out_dtype`."""
+    if pick_backend(_op_name(log), input.device, (input.dtype, out_dtype)) == "triton":
+        from lmrt.kernels.softmax import softmax_fwd as triton_softmax_fwd
+
+        return triton_softmax_fwd(as_outer_dim_inner(input, dim), out_dtype, log).view(input.shape)
+    return reference.softmax_fwd(input, dim, out_dtype, log).contiguous()
+
+
+@softmax_fwd.register_fake
+def _(input, dim, out_dtype, log):
+    return torch.empty(input.shape, dtype=out_dtype, device=input.device)
+
+
+@torch.library.custom_op("lmrt::softmax_bwd", mutates_args=())
+def softmax_bwd(grad_output: Tensor, output: Tensor, dim: int, log: bool, input_dtype: torch.dtype) -> Tensor:
+    """Gradient of `softmax_fwd` with respect to its input, from its output; contiguous, in `input_dtype`."""
+    dtypes = (grad_output.dtype, output.dtype, input_dtype)
+    if pick_backend(_op_name(log), output.device, dtypes) == "triton":
+        from lmrt.kernels.softmax import softmax_bwd as triton_softmax_bwd
+
+        dy, y = as_outer_dim_inner(grad_output, dim), as_outer_dim_inner(output, dim)
+        return triton_softmax_bwd(dy, y, input_dtype, log).view(output.shape)
+    return reference.softmax_bwd(grad_output, output, dim, log, input_dtype).contiguous()
+
+
+@softmax_bwd.register_fake
+def _(grad_output, output, dim, log, input_dtype):
+    return torch.empty(output.shape, dtype=input_dtype, device=output.device)
+
+
+def _setup_context(ctx, inputs, output):
+    input, dim, _, log = inputs
+    ctx.save_for_backward(output)
+    ctx.dim, ctx.log, ctx.input_dtype = dim, log, input.dtype
+
+
+def _backward(ctx, grad_output):
+    (output,) = ctx.saved_tensors
+    return torch.ops.lmrt.softmax_bwd(grad_output, output, ctx.dim, ctx.log, ctx.input_dtype), None, None, None
+
+
+softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
