@@ -5,8 +5,8 @@ Inputs are viewed as (M rows, N columns) with unit column stride; statistics are
 
 Forward, one program per row. A row of at most MAX_FUSED_COLS columns is read once, kept in registers,
 normalized and written: 2*M*N*elem_size bytes in all, so the bound is memory bandwidth. Longer rows stream
-in blocks: a mean pass, an exact variance pass (sum of squared deviations, no E[x^2] - E[x]^2 cancellation)
-and an output pass, 3 reads and 1 write. Mean and rstd are saved per row for the backward.
+in blocks: a mean pass, a variance pass (sum of squared deviations, no E[x^2] - E[x]^2 cancellation, with the
+corrected two-pass refinement of the mean) and an output pass, 3 reads and 1 write. Mean and rstd are saved per row for the backward.
 
 Backward, each program takes a contiguous range of rows and writes their dx:
     x_hat = (x - mean) * rstd,  g = dy * w,  dx = rstd * (g - x_hat * mean(g * x_hat) - mean(g))
@@ -60,6 +60,8 @@ def _norm_fwd_kernel(
             x_c = x
         else:
             mean = tl.sum(x, axis=0) / n_cols
+            # One refinement step cancels the rounding error of the first sum (large offsets, long rows).
+            mean += tl.sum(tl.where(mask, x - mean, 0.0), axis=0) / n_cols
             x_c = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(x_c * x_c, axis=0) / n_cols + eps)
         y = _affine(x_c * rstd, w_ptr, b_ptr, cols, mask, HAS_WEIGHT, HAS_BIAS)
@@ -72,13 +74,21 @@ def _norm_fwd_kernel(
             for start in range(0, n_cols, BLOCK_N):
                 acc += tl.load(x_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
             mean = tl.sum(acc, axis=0) / n_cols
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        centered_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        squares_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             mask = start + cols < n_cols
             x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             x_c = tl.where(mask, x - mean, 0.0)
-            acc += x_c * x_c
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
+            centered_acc += x_c
+            squares_acc += x_c * x_c
+        var = tl.sum(squares_acc, axis=0) / n_cols
+        if not IS_RMS_NORM:
+            # The corrected two-pass variance: sum(x - mean) is the rounding error of the first pass's mean.
+            correction = tl.sum(centered_acc, axis=0) / n_cols
+            mean += correction
+            var -= correction * correction
+        rstd = 1.0 / tl.sqrt(var + eps)
         for start in range(0, n_cols, BLOCK_N):
             mask = start + cols < n_cols
             x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
@@ -116,8 +126,6 @@ def _norm_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     cols = tl.arange(0, BLOCK_N)
-    dw_row = dw_partial_ptr + pid * n_cols
-    db_row = db_partial_ptr + pid * n_cols
     # Masked-off lanes load dy = 0, so they add nothing to the row sums or to the partial sums.
     if ROW_FITS:
         mask = cols < n_cols
@@ -141,9 +149,9 @@ def _norm_bwd_kernel(
             dw_acc += dy * x_hat
             db_acc += dy
         if COMPUTE_DW:
-            tl.store(dw_row + cols, dw_acc, mask=mask)
+            tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
         if COMPUTE_DB:
-            tl.store(db_row + cols, db_acc, mask=mask)
+            tl.store(db_partial_ptr + pid * n_cols + cols, db_acc, mask=mask)
     else:
         for row in range(row_start, row_end):
             x_row = x_ptr + row * stride_x_row
@@ -170,11 +178,11 @@ def _norm_bwd_kernel(
                 dx = (g - x_hat * mean_g_x_hat - mean_g) * rstd
                 tl.store(dx_ptr + row * stride_dx_row + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
                 if COMPUTE_DW:
-                    partial = tl.load(dw_row + start + cols, mask=mask, other=0.0)
-                    tl.store(dw_row + start + cols, partial + dy * x_hat, mask=mask)
+                    dw_partial = dw_partial_ptr + pid * n_cols + start + cols
+                    tl.store(dw_partial, tl.load(dw_partial, mask=mask, other=0.0) + dy * x_hat, mask=mask)
                 if COMPUTE_DB:
-                    partial = tl.load(db_row + start + cols, mask=mask, other=0.0)
-                    tl.store(db_row + start + cols, partial + dy, mask=mask)
+                    db_partial = db_partial_ptr + pid * n_cols + start + cols
+                    tl.store(db_partial, tl.load(db_partial, mask=mask, other=0.0) + dy, mask=mask)
 
 
 def norm_fwd(

@@ -81,10 +81,9 @@ def _norm_bwd(grad_output, input, normalized_shape, mean, rstd, weight, bias, ou
     if mean is not None:
         grad_x = grad_x - w_dy.mean(-1, keepdim=True)
     grad_x = (grad_x * rstd[:, None]).to(input.dtype).reshape(input.shape)
-    empty = input.new_empty(0)
-    grad_w = (dy * x_hat).sum(0).to(weight.dtype).reshape(weight.shape) if output_mask[1] else empty
-    grad_b = dy.sum(0).to(bias.dtype).reshape(bias.shape) if output_mask[2] else empty
-    return (grad_x if output_mask[0] else empty), grad_w, grad_b
+    grad_w = (dy * x_hat).sum(0).to(weight.dtype).reshape(weight.shape) if output_mask[1] else input.new_empty(0)
+    grad_b = dy.sum(0).to(bias.dtype).reshape(bias.shape) if output_mask[2] else input.new_empty(0)
+    return (grad_x if output_mask[0] else input.new_empty(0)), grad_w, grad_b
 
 
 def softmax_fwd(input: torch.Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> torch.Tensor:
@@ -123,7 +122,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
-    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else eps
     return rms_norm_fwd(input, _shape_tuple(normalized_shape), weight, eps)[0]
 
 

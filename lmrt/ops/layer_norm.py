@@ -65,22 +65,20 @@ def layer_norm_bwd(
             unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim)),
             flat_parameter(weight), mean, rstd, compute_dw=output_mask[1], compute_db=output_mask[2],
         )
-        empty = input.new_empty(0)
         return (
-            dx.view(input.shape) if output_mask[0] else empty,
-            dw.to(weight.dtype).view(weight.shape) if output_mask[1] else empty,
-            db.to(bias.dtype).view(bias.shape) if output_mask[2] else empty,
+            dx.view(input.shape) if output_mask[0] else input.new_empty(0),
+            dw.to(weight.dtype).view(weight.shape) if output_mask[1] else input.new_empty(0),
+            db.to(bias.dtype).view(bias.shape) if output_mask[2] else input.new_empty(0),
         )
     return reference.layer_norm_bwd(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask)
 
 
 @layer_norm_bwd.register_fake
 def _(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask):
-    empty = input.new_empty(0)
     return (
-        torch.empty_like(input) if output_mask[0] else empty,
-        torch.empty_like(weight) if output_mask[1] else empty,
-        torch.empty_like(bias) if output_mask[2] else empty,
+        torch.empty_like(input) if output_mask[0] else input.new_empty(0),
+        torch.empty_like(weight) if output_mask[1] else input.new_empty(0),
+        torch.empty_like(bias) if output_mask[2] else input.new_empty(0),
     )
 
 

@@ -21,12 +21,13 @@ def rms_norm(
 ) -> Tensor:
     """Root-mean-square normalization over the last `len(normalized_shape)` dims; same call as F.rms_norm.
 
-    `eps=None` means torch.finfo(input.dtype).eps, as in F.rms_norm.
+    `eps=None` means the machine epsilon of the float32 (float64 for float64 input) computation, as PyTorch's
+    own rms_norm does.
     """
     check_floating("rms_norm", "input", input)
     normalized_shape = check_normalized_shape("rms_norm", input, normalized_shape)
     check_parameter("rms_norm", "weight", weight, input, normalized_shape)
-    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    eps = torch.finfo(reference.compute_dtype(input.dtype)).eps if eps is None else eps
     return torch.ops.lmrt.rms_norm_fwd(input, normalized_shape, weight, eps)[0]
 
 
@@ -66,20 +67,18 @@ def rms_norm_bwd(
             unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim)),
             flat_parameter(weight), None, rstd, compute_dw=output_mask[1], compute_db=False,
         )
-        empty = input.new_empty(0)
         return (
-            dx.view(input.shape) if output_mask[0] else empty,
-            dw.to(weight.dtype).view(weight.shape) if output_mask[1] else empty,
+            dx.view(input.shape) if output_mask[0] else input.new_empty(0),
+            dw.to(weight.dtype).view(weight.shape) if output_mask[1] else input.new_empty(0),
         )
     return reference.rms_norm_bwd(grad_output, input, normalized_shape, rstd, weight, output_mask)
 
 
 @rms_norm_bwd.register_fake
 def _(grad_output, input, normalized_shape, rstd, weight, output_mask):
-    empty = input.new_empty(0)
     return (
-        torch.empty_like(input) if output_mask[0] else empty,
-        torch.empty_like(weight) if output_mask[1] else empty,
+        torch.empty_like(input) if output_mask[0] else input.new_empty(0),
+        torch.empty_like(weight) if output_mask[1] else input.new_empty(0),
     )
 
 

@@ -1,0 +1,153 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmrt
+from lmrt import reference
+from tests.conftest import DEVICE, DTYPES
+from tests.tolerance import check_against_torch
+
+BACKENDS = ["triton", "torch"]
+# (input shape, number of normalized trailing dims): odd sizes, a row longer than one block, 3-D and 4-D inputs.
+SHAPES = [((1, 1), 1), ((7, 97), 1), ((3, 781), 1), ((1823, 781), 1), ((2, 1, 65537), 1), ((4, 9, 33), 1),
+          ((2, 3, 5, 24), 2)]
+
+
+def _inputs(shape, ndim, dtype, affine=(True, True)):
+    normalized_shape = shape[len(shape) - ndim :]
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    weight = torch.randn(normalized_shape, device=DEVICE, dtype=dtype) if affine[0] else None
+    bias = torch.randn(normalized_shape, device=DEVICE, dtype=dtype) if affine[1] else None
+    return x, weight, bias, normalized_shape
+
+
+def _check(x, weight, bias, normalized_shape, backend, eps=1e-5):
+    def run(impl):
+        return lambda x, w, b: impl(x, normalized_shape, w, b, eps)
+
+    with lmrt.backend(backend):
+        check_against_torch(run(lmrt.ops.layer_norm), run(F.layer_norm), run(reference.layer_norm),
+                            [x, weight, bias], torch.randn_like(x), ["input", "weight", "bias"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ndim", SHAPES, ids=str)
+def test_matches_reference(shape, ndim, dtype, backend):
+    _check(*_inputs(shape, ndim, dtype), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine", [(False, False), (True, False)], ids=["no_affine", "no_bias"])
+@pytest.mark.parametrize("shape", [(7, 97), (2, 20000)], ids=str)
+def test_without_weight_or_bias(shape, affine, backend):
+    _check(*_inputs(shape, 1, torch.float32, affine), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    transposed = torch.randn(97, 7, device=DEVICE).t()
+    sliced = torch.randn(3, 781, device=DEVICE)[:, 100:600]
+    expanded = torch.randn(1, 64, device=DEVICE).expand(5, 64)
+    for x in (transposed, sliced, expanded):
+        n = x.shape[-1]
+        _check(x, torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE), (n,), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_offset_keeps_variance(backend):
+    x, weight, bias, normalized_shape = _inputs((5, 300), 1, torch.float32)
+    _check(x + 1e4, weight, bias, normalized_shape, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_precision_weight(backend):
+    """A float32 weight with a bfloat16 input, as PyTorch's own layer_norm allows: output in the input's dtype."""
+    x, weight, bias, normalized_shape = _inputs((6, 130), 1, torch.bfloat16)
+    with lmrt.backend(backend):
+        y = lmrt.ops.layer_norm(x, normalized_shape, weight.float(), bias.float())
+    assert y.dtype == torch.bfloat16
+    exact = reference.layer_norm(x.double(), normalized_shape, weight.double(), bias.double())
+    torch.testing.assert_close(y.double(), exact, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 33, device=DEVICE, requires_grad=True)
+    weight = torch.randn(33, device=DEVICE, requires_grad=True)
+    with lmrt.backend(backend):
+        y = lmrt.ops.layer_norm(x, (33,), weight)
+        y.sum().backward()
+    assert y.shape == (0, 33)
+    assert x.grad.shape == (0, 33)
+    torch.testing.assert_close(weight.grad, torch.zeros_like(weight))
+
+
+def test_weight_gradient_is_deterministic():
+    x, weight, bias, normalized_shape = _inputs((300, 257), 1, torch.float32)
+    grads = []
+    for _ in range(2):
+        w = weight.clone().requires_grad_(True)
+        with lmrt.backend("triton"):
+            lmrt.ops.layer_norm(x, normalized_shape, w, bias).pow(2).sum().backward()
+        grads.append(w.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_float64_falls_back_or_raises():
+    x = torch.randn(4, 8, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="'triton' backend was chosen.*float64"):
+        with lmrt.backend("triton"):
+            lmrt.ops.layer_norm(x, (8,))
+    torch.testing.assert_close(lmrt.ops.layer_norm(x, (8,)), F.layer_norm(x, (8,)))
+
+
+class TestBadInput:
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="`input` must be a floating-point tensor.*torch.int64"):
+            lmrt.ops.layer_norm(torch.ones(2, 3, dtype=torch.long), (3,))
+
+    def test_weight_of_wrong_size(self):
+        with pytest.raises(ValueError, match=r"`weight` must have shape normalized_shape=\[3\], got \[4\]"):
+            lmrt.ops.layer_norm(torch.randn(2, 3), (3,), torch.ones(4))
+
+    def test_bias_of_wrong_size(self):
+        with pytest.raises(ValueError, match=r"`bias` must have shape"):
+            lmrt.ops.layer_norm(torch.randn(2, 3), (3,), torch.ones(3), torch.ones(2))
+
+    def test_normalized_shape_mismatch(self):
+        with pytest.raises(ValueError, match=r"`normalized_shape` \[4\] must equal the last dimensions of `input`"):
+            lmrt.ops.layer_norm(torch.randn(2, 3), (4,))
+
+    @pytest.mark.cuda
+    def test_weight_on_another_device(self):
+        with pytest.raises(ValueError, match="`weight` is on cpu but `input` is on cuda"):
+            lmrt.ops.layer_norm(torch.randn(2, 3, device="cuda"), (3,), torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x, weight, bias, normalized_shape = _inputs((5, 40), 1, torch.float32)
+    mean, rstd = x.mean(-1), torch.rsqrt(x.var(-1, unbiased=False) + 1e-5)
+    with lmrt.backend(backend):
+        torch.library.opcheck(torch.ops.lmrt.layer_norm_fwd.default,
+                              (x.clone().requires_grad_(), list(normalized_shape), weight.clone().requires_grad_(),
+                               bias, 1e-5))
+        torch.library.opcheck(torch.ops.lmrt.layer_norm_bwd.default,
+                              (torch.randn_like(x), x, list(normalized_shape), mean, rstd, weight, bias, [True] * 3))
+
+
+def test_compiles_without_graph_breaks():
+    x, weight, bias, normalized_shape = _inputs((6, 48), 1, torch.float32)
+
+    def step(x, weight, bias):
+        return lmrt.ops.layer_norm(x, normalized_shape, weight, bias).relu().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    with lmrt.backend("triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        compiled(*leaves).backward()
+        eager_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        step(*eager_leaves).backward()
+    for compiled_leaf, eager_leaf in zip(leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)

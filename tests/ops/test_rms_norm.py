@@ -1,0 +1,101 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmrt
+from lmrt import reference
+from tests.conftest import DEVICE, DTYPES
+from tests.ops.test_layer_norm import BACKENDS, SHAPES
+from tests.tolerance import check_against_torch
+
+
+def _check(x, weight, normalized_shape, backend, eps=None):
+    def run(impl):
+        return lambda x, w: impl(x, normalized_shape, w, eps)
+
+    with lmrt.backend(backend):
+        check_against_torch(run(lmrt.ops.rms_norm), run(F.rms_norm), run(reference.rms_norm),
+                            [x, weight], torch.randn_like(x), ["input", "weight"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ndim", SHAPES, ids=str)
+def test_matches_reference(shape, ndim, dtype, backend):
+    normalized_shape = shape[len(shape) - ndim :]
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    _check(x, torch.randn(normalized_shape, device=DEVICE, dtype=dtype), normalized_shape, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(7, 97), (2, 20000)], ids=str)
+def test_without_weight(shape, backend):
+    _check(torch.randn(shape, device=DEVICE), None, shape[-1:], backend, eps=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    for x in (torch.randn(97, 7, device=DEVICE).t(), torch.randn(3, 781, device=DEVICE)[:, 100:600]):
+        _check(x, torch.randn(x.shape[-1], device=DEVICE), x.shape[-1:], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(2, 0, 16, device=DEVICE, requires_grad=True)
+    weight = torch.ones(16, device=DEVICE, requires_grad=True)
+    with lmrt.backend(backend):
+        lmrt.ops.rms_norm(x, 16, weight).sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(weight.grad, torch.zeros_like(weight))
+
+
+def test_default_eps_is_that_of_the_computation():
+    """PyTorch takes float32's epsilon for float16 input (it computes in float32), not float16's."""
+    x = torch.full((2, 8), 1e-4, device=DEVICE, dtype=torch.float16)
+    torch.testing.assert_close(lmrt.ops.rms_norm(x, (8,)), F.rms_norm(x, (8,)))
+
+
+class TestBadInput:
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="`input` must be a floating-point tensor"):
+            lmrt.ops.rms_norm(torch.ones(2, 3, dtype=torch.int32), (3,))
+
+    def test_weight_of_wrong_size(self):
+        with pytest.raises(ValueError, match=r"`weight` must have shape normalized_shape=\[2, 3\], got \[3\]"):
+            lmrt.ops.rms_norm(torch.randn(4, 2, 3), (2, 3), torch.ones(3))
+
+    def test_normalized_shape_mismatch(self):
+        with pytest.raises(ValueError, match="`normalized_shape`"):
+            lmrt.ops.rms_norm(torch.randn(2, 3), (2, 2))
+
+    @pytest.mark.cuda
+    def test_weight_on_another_device(self):
+        with pytest.raises(ValueError, match="`weight` is on cpu but `input` is on cuda"):
+            lmrt.ops.rms_norm(torch.randn(2, 3, device="cuda"), (3,), torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x, weight = torch.randn(5, 40, device=DEVICE), torch.randn(40, device=DEVICE)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
+    with lmrt.backend(backend):
+        torch.library.opcheck(torch.ops.lmrt.rms_norm_fwd.default,
+                              (x.clone().requires_grad_(), [40], weight.clone().requires_grad_(), 1e-6))
+        torch.library.opcheck(torch.ops.lmrt.rms_norm_bwd.default,
+                              (torch.randn_like(x), x, [40], rstd, weight, [True, True]))
+
+
+def test_compiles_without_graph_breaks():
+    x, weight = torch.randn(6, 48, device=DEVICE), torch.randn(48, device=DEVICE)
+
+    def step(x, weight):
+        return lmrt.ops.rms_norm(x, (48,), weight).relu().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    with lmrt.backend("triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, weight)]
+        compiled(*leaves).backward()
+        eager_leaves = [t.clone().requires_grad_() for t in (x, weight)]
+        step(*eager_leaves).backward()
+    for compiled_leaf, eager_leaf in zip(leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)

@@ -1,0 +1,135 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmrt
+from lmrt import reference
+from tests.conftest import DEVICE, DTYPES
+from tests.ops.test_layer_norm import BACKENDS
+from tests.tolerance import check_against_torch
+
+OPS = {"softmax": (lmrt.ops.softmax, F.softmax, reference.softmax),
+       "log_softmax": (lmrt.ops.log_softmax, F.log_softmax, reference.log_softmax)}
+# (shape, dim): odd sizes, rows longer than one block (65537, 262144), 3-D and 4-D inputs, reductions over inner dims.
+SHAPES = [((1, 1), -1), ((7, 97), -1), ((3, 781), -1), ((1823, 781), -1), ((2, 1, 65537), -1), ((2, 262144), -1),
+          ((4, 9, 33), 1), ((4, 9, 33), 0), ((2, 3, 5, 24), -1), ((2, 3, 5, 24), 2)]
+
+
+def _check(op, x, dim, backend, dtype=None):
+    lmrt_fn, torch_fn, exact_fn = OPS[op]
+
+    def run(impl, exact=False):
+        # The exact run is float64 throughout; the others write `dtype` when given.
+        return lambda x: impl(x, dim, dtype=None if exact else dtype)
+
+    with lmrt.backend(backend):
+        grad_output = torch.randn(x.shape, device=x.device, dtype=dtype or x.dtype)
+        check_against_torch(run(lmrt_fn), run(torch_fn), run(exact_fn, exact=True), [x], grad_output, ["input"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+def test_matches_reference(shape, dim, dtype, op, backend):
+    _check(op, torch.randn(shape, device=DEVICE, dtype=dtype) * 3, dim, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_strided_inputs(op, backend):
+    transposed = torch.randn(97, 7, device=DEVICE).t()
+    sliced = torch.randn(3, 781, device=DEVICE)[:, 100:600]
+    permuted = torch.randn(5, 6, 7, device=DEVICE).permute(2, 0, 1)
+    for x in (transposed, sliced, permuted):
+        for dim in range(x.dim()):
+            _check(op, x, dim, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_output_dtype_argument(dtype, op, backend):
+    x = torch.randn(5, 130, device=DEVICE, dtype=torch.float16 if dtype == torch.float32 else torch.float32)
+    _check(op, x, -1, backend, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n_cols", [97, 65537], ids=str)
+def test_infinities_follow_torch(n_cols, op, backend):
+    """-inf entries give 0 (softmax) or -inf (log_softmax); a row of only -inf gives NaN, as in torch."""
+    x = torch.randn(4, n_cols, device=DEVICE)
+    x[0] = float("-inf")
+    x[1, : n_cols // 2 + 7] = float("-inf")  # the online pass starts on blocks of -inf only
+    x[2, 1::3] = float("-inf")
+    lmrt_fn, torch_fn, _ = OPS[op]
+    with lmrt.backend(backend):
+        torch.testing.assert_close(lmrt_fn(x, -1), torch_fn(x, -1), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_cols", [781, 65537], ids=str)
+def test_large_values_do_not_overflow(n_cols, dtype, op, backend):
+    x = torch.randn(3, n_cols, device=DEVICE, dtype=dtype) * 1e4
+    _check(op, x, -1, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_scalar_inputs(backend):
+    with lmrt.backend(backend):
+        x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
+        lmrt.ops.softmax(x, -1).sum().backward()
+        assert x.grad.shape == (0, 5)
+        scalar = torch.tensor(3.0, device=DEVICE)
+        torch.testing.assert_close(lmrt.ops.softmax(scalar, 0), F.softmax(scalar, 0))
+        torch.testing.assert_close(lmrt.ops.log_softmax(scalar, -1), F.log_softmax(scalar, -1))
+
+
+def test_module():
+    x = torch.randn(3, 4, 5, device=DEVICE)
+    torch.testing.assert_close(lmrt.nn.Softmax(dim=1)(x), torch.nn.Softmax(dim=1)(x))
+    with pytest.raises(ValueError, match="`dim` must be given"):
+        lmrt.nn.Softmax()(x)
+
+
+class TestBadInput:
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="lmrt.ops.softmax: `input` must be a floating-point tensor"):
+            lmrt.ops.softmax(torch.ones(2, 3, dtype=torch.long), -1)
+
+    def test_dim_out_of_range(self):
+        with pytest.raises(IndexError, match=r"lmrt.ops.log_softmax: `dim` must be an int in \[-2, 1\].*got 2"):
+            lmrt.ops.log_softmax(torch.randn(2, 3), 2)
+
+    def test_integer_output_dtype(self):
+        with pytest.raises(TypeError, match="`dtype` must be a floating-point dtype"):
+            lmrt.ops.softmax(torch.randn(2, 3), -1, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log", [False, True])
+def test_opcheck(log, backend):
+    x = torch.randn(4, 6, 7, device=DEVICE)
+    with lmrt.backend(backend):
+        torch.library.opcheck(torch.ops.lmrt.softmax_fwd.default, (x.clone().requires_grad_(), 1, torch.float32, log))
+        y = torch.ops.lmrt.softmax_fwd(x, 1, torch.float32, log)
+        torch.library.opcheck(torch.ops.lmrt.softmax_bwd.default, (torch.randn_like(x), y, 1, log, torch.float32))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_compiles_without_graph_breaks(op):
+    lmrt_fn = OPS[op][0]
+    x = torch.randn(6, 48, device=DEVICE)
+
+    def step(x):
+        return (lmrt_fn(x, -1) * torch.arange(48, device=x.device)).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    with lmrt.backend("triton"):
+        leaf, eager_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        compiled(leaf).backward()
+        step(eager_leaf).backward()
+    torch.testing.assert_close(leaf.grad, eager_leaf.grad)
