@@ -1,0 +1,1 @@
+"""Benchmarks of lmrt's ops against PyTorch: `python -m benchmarks.<name> --help`."""

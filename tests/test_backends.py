@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+import lmrt
+from lmrt import backends
+from tests.conftest import DEVICE
+
+FAKE_CUDA = torch.device("cuda")  # backends.select only reads the device type, so no GPU is needed
+
+
+def test_available_backends():
+    names = lmrt.available_backends()
+    assert names[-1] == "torch"
+    assert set(names) <= set(backends.BACKENDS)
+    assert ("triton" in lmrt.available_backends("cpu")) == backends.triton_interpreter_enabled()
+    assert lmrt.available_backends("cpu") == [n for n in names if backends.unavailable_reason(n, "cpu") is None]
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown lmrt backend 'tritn'; expected one of triton, cuda, cpp, torch"):
+        with lmrt.backend("tritn"):
+            pass
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("LMRT_BACKEND", "torch")
+    assert backends.chosen_backend() == "torch"
+    with lmrt.backend("triton"):
+        assert backends.chosen_backend() == "triton"  # the context manager wins
+    monkeypatch.setenv("LMRT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="LMRT_BACKEND: unknown lmrt backend 'fast'"):
+        lmrt.ops.softmax(torch.randn(2, 3), -1)
+
+
+def test_context_manager_restores_previous_choice():
+    with lmrt.backend("torch"):
+        with lmrt.backend("triton"):
+            assert backends.chosen_backend() == "triton"
+        assert backends.chosen_backend() == "torch"
+    assert backends.chosen_backend() is None
+
+
+def test_default_order():
+    def serves_all(name):
+        return None
+
+    assert backends.select("op", FAKE_CUDA, ("triton", "torch"), serves_all) == "triton"
+    assert backends.select("op", torch.device("cpu"), ("triton", "torch"), serves_all) == "torch"
+
+
+def test_default_falls_back_with_one_warning():
+    def no_triton(name):
+        return "it lacks this" if name == "triton" else None
+
+    with pytest.warns(UserWarning, match="the 'triton' backend cannot serve this call \\(it lacks this\\); falling"):
+        assert backends.select("fallback_op", FAKE_CUDA, ("triton", "torch"), no_triton) == "torch"
+    with warnings_as_errors():
+        assert backends.select("fallback_op", FAKE_CUDA, ("triton", "torch"), no_triton) == "torch"
+
+
+def test_explicit_choice_raises_instead_of_falling_back():
+    with lmrt.backend("cuda"), pytest.raises(RuntimeError, match="'cuda' backend was chosen.*no implementation"):
+        lmrt.ops.layer_norm(torch.randn(2, 3, device=DEVICE), (3,))
+    with lmrt.backend("cpp"), pytest.raises(RuntimeError, match="'cpp' backend was chosen"):
+        backends.select("op", torch.device("cpu"), ("cpp", "torch"), lambda name: None)
+
+
+def test_backend_holds_in_backward():
+    """The choice is process-wide, so it also reaches autograd's backward (which may run in another thread)."""
+    x = torch.randn(4, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    y = lmrt.ops.softmax(x, -1)
+    with lmrt.backend("triton"), pytest.raises(RuntimeError, match="'triton' backend was chosen"):
+        y.backward(torch.ones_like(y))
+
+
+class warnings_as_errors:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
