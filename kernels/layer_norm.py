@@ -6,7 +6,8 @@ Inputs are viewed as (M rows, N columns) with unit column stride; statistics are
 Forward, one program per row. A row of at most MAX_FUSED_COLS columns is read once, kept in registers,
 normalized and written: 2*M*N*elem_size bytes in all, so the bound is memory bandwidth. Longer rows stream
 in blocks: a mean pass, a variance pass (sum of squared deviations, no E[x^2] - E[x]^2 cancellation, with the
-corrected two-pass refinement of the mean) and an output pass, 3 reads and 1 write. Mean and rstd are saved per row for the backward.
+corrected two-pass refinement of the mean) and an output pass, 3 reads and 1 write. Mean and rstd are saved
+per row for the backward.
 
 Backward, each program takes a contiguous range of rows and writes their dx:
     x_hat = (x - mean) * rstd,  g = dy * w,  dx = rstd * (g - x_hat * mean(g * x_hat) - mean(g))

@@ -39,7 +39,8 @@ def test_from_editable_install(tmp_path):
 
 def test_from_built_wheel(tmp_path):
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(ROOT)],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr

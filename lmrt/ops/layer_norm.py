@@ -2,7 +2,6 @@
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +29,7 @@ def layer_norm(
 
 @torch.library.custom_op("lmrt::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
-    input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(output, mean, rstd), mean and rstd with one float32 entry per row (float64 for float64 input)."""
     dtypes = [t.dtype for t in (input, weight, bias) if t is not None]
@@ -53,7 +52,7 @@ def _(input, normalized_shape, weight, bias, eps):
 @torch.library.custom_op("lmrt::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(
     grad_output: Tensor, input: Tensor, normalized_shape: Sequence[int], mean: Tensor, rstd: Tensor,
-    weight: Optional[Tensor], bias: Optional[Tensor], output_mask: Sequence[bool],
+    weight: Tensor | None, bias: Tensor | None, output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) as aten::native_layer_norm_backward; unasked-for ones are empty."""
     dtypes = [t.dtype for t in (grad_output, input, weight, bias) if t is not None]

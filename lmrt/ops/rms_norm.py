@@ -2,7 +2,6 @@
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,7 +32,7 @@ def rms_norm(
 
 @torch.library.custom_op("lmrt::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(
-    input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor], eps: float
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
     """(output, rstd), rstd with one float32 entry per row (float64 for float64 input)."""
     dtypes = [t.dtype for t in (input, weight) if t is not None]
@@ -54,7 +53,7 @@ def _(input, normalized_shape, weight, eps):
 
 @torch.library.custom_op("lmrt::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(
-    grad_output: Tensor, input: Tensor, normalized_shape: Sequence[int], rstd: Tensor, weight: Optional[Tensor],
+    grad_output: Tensor, input: Tensor, normalized_shape: Sequence[int], rstd: Tensor, weight: Tensor | None,
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor]:
     """(grad_input, grad_weight); a gradient that `output_mask` does not ask for is empty."""

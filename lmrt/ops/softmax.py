@@ -1,6 +1,5 @@
 """lmrt.ops.softmax and lmrt.ops.log_softmax: the torch.nn.functional calls on lmrt's backends."""
 
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +20,7 @@ def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Te
     return _softmax("log_softmax", input, dim, dtype, log=True)
 
 
-def _softmax(op: str, input: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Tensor:
+def _softmax(op: str, input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
     check_floating(op, "input", input)
     dim = check_dim(op, input, dim)
     if dtype is not None and not dtype.is_floating_point:

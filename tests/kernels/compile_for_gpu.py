@@ -11,10 +11,9 @@ import itertools
 import sys
 
 import triton
+from lmrt.kernels import layer_norm, softmax
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from lmrt.kernels import layer_norm, softmax
 
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -46,8 +45,8 @@ def _norm_variants():
             if fwd_constexprs[flag] == (name == "mean_ptr"):
                 fwd_constexprs[name] = None
         yield layer_norm._norm_fwd_kernel, fwd_pointers, fwd_constexprs, warps
-        bwd_constexprs = dict(IS_RMS_NORM=is_rms, HAS_WEIGHT=affine, COMPUTE_DW=affine, COMPUTE_DB=affine and not is_rms,
-                              BLOCK_N=block_n, ROW_FITS=row_fits)
+        bwd_constexprs = dict(IS_RMS_NORM=is_rms, HAS_WEIGHT=affine, COMPUTE_DW=affine,
+                              COMPUTE_DB=affine and not is_rms, BLOCK_N=block_n, ROW_FITS=row_fits)
         bwd_pointers = dict(x_ptr=data, dy_ptr=data, dx_ptr=data, w_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
                             dw_partial_ptr="*fp32", db_partial_ptr="*fp32")
         for name, flag in (("w_ptr", "HAS_WEIGHT"), ("dw_partial_ptr", "COMPUTE_DW"), ("db_partial_ptr", "COMPUTE_DB"),
