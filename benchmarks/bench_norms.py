@@ -10,9 +10,11 @@ What is timed, per (op, mode, dtype, M x N input, provider):
 Providers: `lmrt-triton` (lmrt ops under lmrt.backend("triton"); CUDA only, the Triton interpreter on the CPU says
 nothing about speed), `lmrt` (lmrt ops on the default backend), `torch` (F.layer_norm, F.rms_norm, F.softmax),
 `naive` (lmrt.reference, plain PyTorch ops) and `compile` (torch.compile of lmrt.reference; CUDA only, compiling
-takes too long on a small CPU). Before it is timed, each provider's output (fwd), or output and the gradients of
-x, weight and bias (bwd), are compared with lmrt.reference run in float64; a provider that disagrees, or raises,
-is reported WRONG with the reason and is not timed.
+takes too long on a small CPU). Before it is timed, each provider's output (fwd), or output and gradient with
+respect to x (bwd), are compared with lmrt.reference run in float64; a provider that disagrees, or raises, is
+reported WRONG with the reason and is not timed. Weight and bias gradients are timed but not checked here: they
+are sums over M rows, which PyTorch's own CPU kernels accumulate in bfloat16/float16 with errors far beyond these
+tolerances; tests/ops holds every backend's gradients to the 2x-PyTorch-error rule instead.
 
 Timing: on CUDA triton.testing.do_bench, which flushes L2 before every call (median, 20th and 80th percentiles);
 on the CPU a perf_counter loop after warm-up calls, caches not flushed (small inputs can beat the copy ceiling).
@@ -63,7 +65,7 @@ EPS = 1e-5
 # Allowed error: |result - exact| <= tol * max|exact| + tol * |exact|. Scaling the absolute part by the exact
 # result's largest magnitude makes one figure serve outputs of order 1 (norms) and of order 1/N (softmax).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-RESULT_NAMES = ("output", "grad_input", "grad_weight", "grad_bias")
+CHECKED = ("output", "grad_input")
 PROVIDER_COLORS = {"lmrt-triton": "tab:red", "lmrt": "tab:orange", "torch": "tab:blue", "naive": "tab:gray",
                    "compile": "tab:green"}
 
@@ -163,26 +165,26 @@ def _reset_grads(leaves: Sequence[Tensor]) -> None:
 
 
 def run_once(functions: Any, case: Case, mode: str) -> list[Tensor | None]:
-    """[output] (fwd), or [output, grad of each leaf] (bwd), of `functions` on `case`."""
+    """[output] (fwd), or [output, gradient with respect to x] (bwd), of `functions` on `case`."""
     _reset_grads(case.leaves)
     y = call_op(case.op, functions, case)
     if mode == "fwd":
         return [y.detach()]
     y.backward(case.dy)
-    grads = [leaf.grad for leaf in case.leaves]
+    grad_input = case.x.grad
     _reset_grads(case.leaves)
-    return [y.detach(), *grads]
+    return [y.detach(), grad_input]
 
 
 def exact_results(case: Case) -> list[Tensor]:
-    """lmrt.reference in float64 on `case`'s inputs: the output and the gradient of every leaf."""
+    """lmrt.reference in float64 on `case`'s inputs: the output and the gradient with respect to x."""
     return run_once(reference, case.as_float64(), "bwd")
 
 
 def compare(results: Sequence[Tensor | None], exact: Sequence[Tensor], dtype: torch.dtype) -> str | None:
     """None when every result is within TOLERANCE[dtype] of the exact one, else what is wrong with the first bad one."""
     tol = TOLERANCE[dtype]
-    for name, result, expected in zip(RESULT_NAMES, results, exact, strict=False):
+    for name, result, expected in zip(CHECKED[: len(results)], results, exact, strict=True):
         if result is None:
             return f"{name}: missing"
         if result.shape != expected.shape or result.dtype != dtype:
@@ -475,7 +477,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: the grid's (float32 on the CPU, "
                         "bfloat16 and float32 on CUDA)")
-    parser.add_argument("--out", type=Path, help="write DIR/bench_norms.json and the plots there")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="write DIR/bench_norms.json and the plots there")
     parser.add_argument("--plots", choices=("combined", "separate", "none"), default="combined",
                         help="with --out: one bench_norms.png with a panel per (op; mode, dtype) (default), one PNG "
                         "per (op, mode, dtype), or none")
