@@ -429,11 +429,8 @@ def _draw(ax: Any, rows: Sequence[dict[str, Any]], copy_gbps: float, title: str)
     ax.legend(fontsize="small")
 
 
-def plot(
-    results: Sequence[dict[str, Any]], copy_gbps: float, out_dir: Path, separate: bool, device: str,
-) -> list[Path]:
-    """PNGs of GB/s against N: one figure with a panel per (op; mode, dtype), or one file per (op, mode, dtype)
-    when `separate`. Nothing, and an empty list, without matplotlib."""
+def plot(results: Sequence[dict[str, Any]], copy_gbps: float, out_dir: Path, device: str) -> list[Path]:
+    """One PNG of GB/s against N with a panel per (op; mode, dtype); nothing, and an empty list, without matplotlib."""
     try:
         import matplotlib
 
@@ -443,24 +440,11 @@ def plot(
         return []
     ops = list(dict.fromkeys(row["op"] for row in results))
     panels = list(dict.fromkeys((row["mode"], row["dtype"]) for row in results))
-    m = results[0]["M"]
-    written = []
-    if separate:
-        for op in ops:
-            for mode, dtype in panels:
-                fig, ax = plt.subplots(figsize=(6, 4.5))
-                selected = [r for r in results if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)]
-                _draw(ax, selected, copy_gbps, f"{op} {mode} {dtype}, M={m}\n{device}")
-                path = out_dir / f"bench_norms_{op}_{mode}_{dtype}.png"
-                fig.savefig(path, dpi=100, bbox_inches="tight")
-                plt.close(fig)
-                written.append(path)
-        return written
     fig, axes = plt.subplots(len(ops), len(panels), figsize=(5 * len(panels), 4 * len(ops)), squeeze=False)
     for i, op in enumerate(ops):
         for j, (mode, dtype) in enumerate(panels):
             selected = [r for r in results if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)]
-            _draw(axes[i][j], selected, copy_gbps, f"{op} {mode} {dtype}, M={m}")
+            _draw(axes[i][j], selected, copy_gbps, f"{op} {mode} {dtype}, M={results[0]['M']}")
     fig.suptitle(device)
     fig.tight_layout()
     path = out_dir / "bench_norms.png"
@@ -477,10 +461,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: the grid's (float32 on the CPU, "
                         "bfloat16 and float32 on CUDA)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="write DIR/bench_norms.json and the plots there")
-    parser.add_argument("--plots", choices=("combined", "separate", "none"), default="combined",
-                        help="with --out: one bench_norms.png with a panel per (op; mode, dtype) (default), one PNG "
-                        "per (op, mode, dtype), or none")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="write DIR/bench_norms.json and DIR/bench_norms.png")
+    parser.add_argument("--no-plot", action="store_true", help="with --out: write no bench_norms.png")
     return parser.parse_args(argv)
 
 
@@ -500,9 +482,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         report = {"meta": run_meta(device, copy_gbps), "results": results}
         (args.out / "bench_norms.json").write_text(json.dumps(report, indent=2) + "\n")
         written = [args.out / "bench_norms.json"]
-        if args.plots != "none":
-            written += plot(results, copy_gbps, args.out, separate=args.plots == "separate",
-                            device=report["meta"]["device"])
+        if not args.no_plot:
+            written += plot(results, copy_gbps, args.out, device=report["meta"]["device"])
         print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     return results
 

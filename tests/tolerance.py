@@ -6,6 +6,8 @@ place of the dtype at the scale of the result (4 * eps * max(1, max|exact|)). Th
 equally sound order of summation; the floor covers results PyTorch happens to get (nearly) bit-exact, where a
 kernel's few roundings in the dtype (a subtraction, a product, the final cast) add a few ulps of their own.
 NaNs must sit where the exact answer has them.
+
+`check_compiled_matches_eager` is the torch.compile(fullgraph=True) check every op's tests share.
 """
 
 import torch
@@ -47,3 +49,18 @@ def check_against_torch(fn, torch_fn, exact_fn, tensors, grad_output, names):
     labels = ["output"] + [f"grad_{name}" for name, t in zip(names, tensors, strict=True) if t is not None]
     for label, result, torch_result, exact_result in zip(labels, results, torch_results, exact, strict=True):
         assert_within_torch_error(label, result, torch_result, exact_result)
+
+
+def check_compiled_matches_eager(step, tensors):
+    """`step(*tensors)` (a scalar loss) compiles with no graph break, on the triton backend, and its gradients
+    with respect to `tensors` equal eager mode's."""
+    import lmrt
+
+    compiled = torch.compile(step, fullgraph=True)
+    with lmrt.backend("triton"):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        compiled(*leaves).backward()
+        eager_leaves = [t.clone().requires_grad_() for t in tensors]
+        step(*eager_leaves).backward()
+    for compiled_leaf, eager_leaf in zip(leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)

@@ -12,15 +12,20 @@ from lmrt.ops._dispatch import pick_backend
 
 def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
     """Softmax over `dim`; same call as F.softmax. `dtype` is the output's dtype (the input is not copied)."""
-    return _softmax("softmax", input, dim, dtype, log=False)
+    return _softmax(input, dim, dtype, log=False)
 
 
 def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
     """Log-softmax over `dim`; same call as F.log_softmax."""
-    return _softmax("log_softmax", input, dim, dtype, log=True)
+    return _softmax(input, dim, dtype, log=True)
 
 
-def _softmax(op: str, input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
+def _op_name(log: bool) -> str:
+    return "log_softmax" if log else "softmax"
+
+
+def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
+    op = _op_name(log)
     check_floating(op, "input", input)
     dim = check_dim(op, input, dim)
     if dtype is not None and not dtype.is_floating_point:
@@ -29,10 +34,6 @@ def _softmax(op: str, input: Tensor, dim: int, dtype: torch.dtype | None, log: b
     if input.dim() == 0:
         return torch.ops.lmrt.softmax_fwd(input.reshape(1), 0, out_dtype, log).reshape(())
     return torch.ops.lmrt.softmax_fwd(input, dim, out_dtype, log)
-
-
-def _op_name(log: bool) -> str:
-    return "log_softmax" if log else "softmax"
 
 
 @torch.library.custom_op("lmrt::softmax_fwd", mutates_args=())

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import lmrt
 from lmrt import reference
 from tests.conftest import DEVICE, DTYPES
-from tests.tolerance import check_against_torch
+from tests.tolerance import check_against_torch, check_compiled_matches_eager
 
 BACKENDS = ["triton", "torch"]
 # (input shape, number of normalized trailing dims): odd sizes, a row longer than one block, 3-D and 4-D inputs.
@@ -143,11 +143,4 @@ def test_compiles_without_graph_breaks():
     def step(x, weight, bias):
         return lmrt.ops.layer_norm(x, normalized_shape, weight, bias).relu().sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    with lmrt.backend("triton"):
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        compiled(*leaves).backward()
-        eager_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        step(*eager_leaves).backward()
-    for compiled_leaf, eager_leaf in zip(leaves, eager_leaves, strict=True):
-        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)
+    check_compiled_matches_eager(step, (x, weight, bias))
