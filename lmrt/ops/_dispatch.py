@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -12,15 +12,21 @@ from lmrt import backends
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def pick_backend(op: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> str:
-    """The backend that serves this call of `op`, whose tensors live on `device` and have `dtypes`."""
+def pick_backend(
+    op: str, device: torch.device, dtypes: Iterable[torch.dtype],
+    limits: Callable[[str], str | None] | None = None,
+) -> str:
+    """The backend that serves this call of `op`, whose tensors live on `device` and have `dtypes`.
+
+    `limits(name)`, if given, says why backend `name` cannot serve this call for another reason (a size), or None.
+    """
     dtypes = tuple(dtypes)
 
     def unsupported(name: str) -> str | None:
         unsupported_dtypes = [dtype for dtype in dtypes if dtype not in KERNEL_DTYPES]
         if name != "torch" and unsupported_dtypes:
             return f"its kernels take float32, float16 and bfloat16, not {unsupported_dtypes[0]}"
-        return None
+        return limits(name) if limits is not None else None
 
     return backends.select(op, device, ("triton", "torch"), unsupported)
 

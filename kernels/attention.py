@@ -1,0 +1,627 @@
+"""Fused scaled-dot-product attention, forward and backward, in Triton: the FlashAttention-2 algorithm.
+
+Shapes. Every tensor is seen as (batch, heads, rows, head dim) through its strides, with a unit stride on the
+head dim; a (batch, seq, heads, dim) tensor is the same thing transposed, so both layouts are served in place.
+Packed variable-length batches are one "batch" of all tokens, split into sequences by cu_seqlens; there every
+batch stride is 0 and a sequence's first row is cu_seqlens[i]. Key/value heads may be fewer than query heads
+(grouped-query attention): query head h reads key/value head h // group_size, and nothing is repeated in memory.
+
+Forward. One program per block of BLOCK_M query rows of one head. It streams blocks of BLOCK_N keys and values
+past its queries, keeping a running row max m, row sum l and output accumulator in float32 (online softmax):
+nothing of size Lq x Lk is ever stored. Scores are kept in base 2 (log2(e) folded into the scale, so exp2 does
+the work). It writes the output and the log-sum-exp of each row (natural log), which the backward needs.
+Causal attention visits only the key blocks a row can see, and only the blocks that cross the diagonal or the
+end of the keys pay for masking. A row that sees no key at all writes zeros, and +inf as its log-sum-exp, so
+that the backward's probabilities exp(s - lse) are 0 there rather than NaN.
+
+Backward. A first pass computes delta = rowsum(dO * O) per query row. Then the probabilities are recomputed
+from Q, K and the saved log-sum-exp:
+    P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q.
+One kernel gives each program a block of keys of one key/value head and loops over every query block of every
+query head in its group, accumulating dK and dV in registers; another gives each program a block of query rows
+and loops over key blocks for dQ. Each gradient element is written once by one program: no atomics, so the
+backward is bitwise deterministic.
+
+Masks. An optional boolean (True = attend) or additive float mask is read through four strides, so a mask
+broadcast over batch, heads or rows (a key-padding mask) is never materialized. Causal masking is top-left
+(key j is visible to query i when j <= i, SDPA's rule) or bottom-right (j <= i + Lk - Lq, flash-attn's rule).
+
+Dropout. The keep mask of each (sequence, head, query, key) element comes from Philox (tl.rand) on a seed read
+from device memory and the element's position, so the backward regenerates the same mask instead of storing it.
+
+Precision. Dots run on the inputs' dtype with float32 accumulation; float32 inputs use full-precision dots unless
+the caller asks for TF32. The Triton interpreter computes bfloat16 dots wrongly, so under it bfloat16 operands go
+to the dot as float32 (the same values; their products are exact in float32 either way).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# attn_mask kinds (the MASK_KIND constexpr)
+NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation; UPCAST gives the dot float32 copies of the operands (interpreter bf16)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _sequence(cu_seqlens_ptr, seq, seqlen, VARLEN: tl.constexpr):
+    """(first row as int64, length) of sequence `seq`: from cu_seqlens when packed, else (0, seqlen)."""
+    if VARLEN:
+        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+        return start, (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
+    return seq.to(tl.int64) * 0, seqlen
+
+
+@triton.jit
+def _causal_shift(q_len, k_len, BOTTOM_RIGHT: tl.constexpr):
+    """Query row i sees keys j <= i + shift: 0 for top-left alignment, Lk - Lq for bottom-right."""
+    if BOTTOM_RIGHT:
+        return k_len - q_len
+    return q_len * 0
+
+
+@triton.jit
+def _key_spans(m0, q_len, k_len, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [m0, m0 + BLOCK_M): keys [0, full_end) need no mask, keys [full_end, end) need one."""
+    if CAUSAL:
+        end = tl.minimum(k_len, tl.maximum(m0 + BLOCK_M + shift, 0))
+        full_end = tl.minimum(tl.maximum(m0 + shift + 1, 0), k_len) // BLOCK_N * BLOCK_N
+    else:
+        end = k_len
+        full_end = k_len // BLOCK_N * BLOCK_N
+    return full_end, end
+
+
+@triton.jit
+def _scores(qk, rows, cols, q_len, k_len, shift, qk_scale2, mask_base, stride_mm, stride_mn,
+            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDS: tl.constexpr):
+    """Scores in base-2 units (qk * scale * log2 e, plus the additive mask), -inf where a key is masked out.
+
+    `rows` and `cols` are the query and key indices, broadcast to the shape of `qk` (either orientation).
+    BOUNDS: this block crosses the causal diagonal or the end of the keys, so those masks apply.
+    """
+    s = qk * qk_scale2
+    if MASK_KIND != 0:
+        in_bounds = (rows < q_len) & (cols < k_len)
+        mask = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=in_bounds, other=0)
+        if MASK_KIND == 1:
+            s = tl.where(mask != 0, s, float("-inf"))
+        else:
+            s += mask.to(tl.float32) * _LOG2E
+    if BOUNDS:
+        visible = cols < k_len
+        if CAUSAL:
+            visible = visible & (cols <= rows + shift)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, rng_base, rows, cols, rng_row_stride, dropout_p):
+    """Which probabilities survive dropout: one Philox draw per (sequence, head, query, key) position."""
+    return tl.rand(seed, rng_base + rows.to(tl.int64) * rng_row_stride + cols) >= dropout_p
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, start_n, offs_m, offs_n, offs_d, offs_dv, k_base, v_base, mask_base,
+              stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, shift, qk_scale2,
+              seed, rng_base, rng_row_stride, dropout_p,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+              DROPOUT: tl.constexpr, BOUNDS: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One block of keys and values into the running (acc, l, m) of a block of query rows."""
+    cols = start_n + offs_n
+    key_ok = cols < k_len if BOUNDS else cols >= 0
+    k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
+                  mask=(offs_d[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
+    s = _scores(_dot(q, k_t, PRECISION, UPCAST_DOT), offs_m[:, None], cols[None, :], q_len, k_len, shift,
+                qk_scale2, mask_base, stride_mm, stride_mn, CAUSAL, MASK_KIND, BOUNDS)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # While a row has seen only masked keys its max is -inf: subtract 0 instead, so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(_dropout_keep(seed, rng_base, offs_m[:, None], cols[None, :], rng_row_stride, dropout_p), p, 0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+    n_heads, group_size, seqlen_q, seqlen_k, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start, q_len = _sequence(cu_seqlens_q_ptr, seq, seqlen_q, VARLEN)
+    if m0 >= q_len:
+        return
+    k_start, k_len = _sequence(cu_seqlens_k_ptr, seq, seqlen_k, VARLEN)
+    seq64, head64 = seq.to(tl.int64), head.to(tl.int64)
+    kv_head64 = head64 // group_size
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < q_len
+
+    q_base = q_ptr + seq64 * stride_qb + head64 * stride_qh + q_start * stride_qm
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = k_ptr + seq64 * stride_kb + kv_head64 * stride_kh + k_start * stride_kn
+    v_base = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + k_start * stride_vn
+    if MASK_KIND != 0:
+        mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
+    else:
+        mask_base = mask_ptr
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
+    else:
+        seed = 0
+        rng_base = 0
+
+    shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
+    full_end, end = _key_spans(m0, q_len, k_len, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    qk_scale2 = sm_scale * _LOG2E
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, start_n, offs_m, offs_n, offs_d, offs_dv, k_base, v_base,
+                                  mask_base, stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, shift,
+                                  qk_scale2, seed, rng_base, seqlen_k, dropout_p, HEAD_DIM, HEAD_DIM_V, CAUSAL,
+                                  MASK_KIND, DROPOUT, False, PRECISION, UPCAST_DOT)
+    for start_n in range(full_end, end, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, start_n, offs_m, offs_n, offs_d, offs_dv, k_base, v_base,
+                                  mask_base, stride_kn, stride_vn, stride_mm, stride_mn, q_len, k_len, shift,
+                                  qk_scale2, seed, rng_base, seqlen_k, dropout_p, HEAD_DIM, HEAD_DIM_V, CAUSAL,
+                                  MASK_KIND, DROPOUT, True, PRECISION, UPCAST_DOT)
+
+    empty = l_i == 0.0  # the row saw no key: output 0, log-sum-exp +inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out / (1.0 - dropout_p)
+    out_base = out_ptr + seq64 * stride_ob + head64 * stride_oh + q_start * stride_om
+    tl.store(out_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    tl.store(lse_ptr + seq64 * stride_lb + head64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    out_ptr, dout_ptr, delta_ptr, cu_seqlens_q_ptr,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, seqlen_q,
+    HEAD_DIM_V: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta = rowsum(dO * O) in float32, laid out like the log-sum-exp."""
+    m0 = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start, q_len = _sequence(cu_seqlens_q_ptr, seq, seqlen_q, VARLEN)
+    if m0 >= q_len:
+        return
+    seq64, head64 = seq.to(tl.int64), head.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V)
+    rows = (q_start + offs_m)[:, None]
+    out = tl.load(out_ptr + seq64 * stride_ob + head64 * stride_oh + rows * stride_om + offs_dv[None, :],
+                  mask=ok, other=0.0)
+    dout = tl.load(dout_ptr + seq64 * stride_dob + head64 * stride_doh + rows * stride_dom + offs_dv[None, :],
+                   mask=ok, other=0.0)
+    delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
+    tl.store(delta_ptr + seq64 * stride_lb + head64 * stride_lh + q_start + offs_m, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_base, lse_base, delta_base,
+               mask_base, stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, shift, qk_scale2,
+               seed, rng_base, rng_row_stride, dropout_p,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+               DROPOUT: tl.constexpr, BOUNDS: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One block of query rows into the dK and dV of a block of keys; works on transposed (key, query) tiles."""
+    rows = start_m + offs_m
+    row_ok = rows < q_len if BOUNDS else rows >= 0
+    q_t = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None],
+                  mask=(offs_d[:, None] < HEAD_DIM) & row_ok[None, :], other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    s_t = _scores(_dot(k, q_t, PRECISION, UPCAST_DOT), rows[None, :], cols[:, None], q_len, k_len, shift,
+                  qk_scale2, mask_base, stride_mm, stride_mn, CAUSAL, MASK_KIND, BOUNDS)
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST_DOT)
+    if DROPOUT:
+        keep = _dropout_keep(seed, rng_base, rows[None, :], cols[:, None], rng_row_stride, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        dv += _dot(tl.where(keep, p_t * inv_keep, 0.0).to(do.dtype), do, PRECISION, UPCAST_DOT)
+        dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
+    else:
+        dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST_DOT)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), PRECISION, UPCAST_DOT)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    n_heads, group_size, seqlen_q, seqlen_k, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """dK and dV of one block of BLOCK_N keys of one key/value head, summed over the query heads of its group."""
+    n0 = tl.program_id(0) * BLOCK_N
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    k_start, k_len = _sequence(cu_seqlens_k_ptr, seq, seqlen_k, VARLEN)
+    if n0 >= k_len:
+        return
+    q_start, q_len = _sequence(cu_seqlens_q_ptr, seq, seqlen_q, VARLEN)
+    seq64, kv_head64 = seq.to(tl.int64), kv_head.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_ok = cols < k_len
+
+    k_rows = k_ptr + seq64 * stride_kb + kv_head64 * stride_kh + (k_start + cols[:, None]) * stride_kn
+    k = tl.load(k_rows + offs_d[None, :], mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v_rows = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + (k_start + cols[:, None]) * stride_vn
+    v = tl.load(v_rows + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
+
+    shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
+    # Query blocks [m_lo, m_full) cross the causal diagonal, [m_full, q_even) see every key of this block, and
+    # [max(m_full, q_even), q_end) hold the last, partial block of rows.
+    if CAUSAL:
+        m_lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
+        m_full = (tl.maximum(n0 + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        m_lo = 0
+        m_full = 0
+    q_even = q_len // BLOCK_M * BLOCK_M
+    q_end = (q_len + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    qk_scale2 = sm_scale * _LOG2E
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for head64 in range(kv_head64 * group_size, kv_head64 * group_size + group_size):
+        q_base = q_ptr + seq64 * stride_qb + head64 * stride_qh + q_start * stride_qm
+        do_base = dout_ptr + seq64 * stride_dob + head64 * stride_doh + q_start * stride_dom
+        lse_base = lse_ptr + seq64 * stride_lb + head64 * stride_lh + q_start
+        delta_base = delta_ptr + seq64 * stride_lb + head64 * stride_lh + q_start
+        if MASK_KIND != 0:
+            mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
+        else:
+            mask_base = mask_ptr
+        if DROPOUT:
+            rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
+        else:
+            rng_base = 0
+        for start_m in range(m_lo, tl.minimum(m_full, q_end), BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_base, lse_base,
+                                delta_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len,
+                                shift, qk_scale2, seed, rng_base, seqlen_k, dropout_p, HEAD_DIM, HEAD_DIM_V,
+                                CAUSAL, MASK_KIND, DROPOUT, True, PRECISION, UPCAST_DOT)
+        for start_m in range(m_full, q_even, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_base, lse_base,
+                                delta_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len,
+                                shift, qk_scale2, seed, rng_base, seqlen_k, dropout_p, HEAD_DIM, HEAD_DIM_V,
+                                CAUSAL, MASK_KIND, DROPOUT, False, PRECISION, UPCAST_DOT)
+        for start_m in range(tl.maximum(m_full, q_even), q_end, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_base, lse_base,
+                                delta_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len,
+                                shift, qk_scale2, seed, rng_base, seqlen_k, dropout_p, HEAD_DIM, HEAD_DIM_V,
+                                CAUSAL, MASK_KIND, DROPOUT, True, PRECISION, UPCAST_DOT)
+
+    dk_rows = dk_ptr + seq64 * stride_dkb + kv_head64 * stride_dkh + (k_start + cols[:, None]) * stride_dkn
+    tl.store(dk_rows + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+             mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    dv_rows = dv_ptr + seq64 * stride_dvb + kv_head64 * stride_dvh + (k_start + cols[:, None]) * stride_dvn
+    tl.store(dv_rows + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, start_n, offs_m, offs_n, offs_d, offs_dv, k_base, v_base, mask_base,
+             dmask_base, stride_kn, stride_vn, stride_mm, stride_mn, stride_dmm, q_len, k_len, shift, qk_scale2,
+             seed, rng_base, rng_row_stride, dropout_p,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+             DROPOUT: tl.constexpr, STORE_DMASK: tl.constexpr, BOUNDS: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST_DOT: tl.constexpr):
+    """One block of keys into the dQ of a block of query rows."""
+    cols = start_n + offs_n
+    key_ok = cols < k_len if BOUNDS else cols >= 0
+    k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
+                  mask=(offs_d[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
+    v_t = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None],
+                  mask=(offs_dv[:, None] < HEAD_DIM_V) & key_ok[None, :], other=0.0)
+    s = _scores(_dot(q, k_t, PRECISION, UPCAST_DOT), offs_m[:, None], cols[None, :], q_len, k_len, shift,
+                qk_scale2, mask_base, stride_mm, stride_mn, CAUSAL, MASK_KIND, BOUNDS)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = _dot(do, v_t, PRECISION, UPCAST_DOT)
+    if DROPOUT:
+        keep = _dropout_keep(seed, rng_base, offs_m[:, None], cols[None, :], rng_row_stride, dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    if STORE_DMASK:
+        tl.store(dmask_base + offs_m[:, None] * stride_dmm + cols[None, :], ds,
+                 mask=(offs_m[:, None] < q_len) & (cols[None, :] < k_len))
+    dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), PRECISION, UPCAST_DOT)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dmask_ptr,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
+    stride_dqb, stride_dqh, stride_dqm, stride_dmb, stride_dmh, stride_dmm,
+    n_heads, group_size, seqlen_q, seqlen_k, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, STORE_DMASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dQ of one block of BLOCK_M query rows of one head; with STORE_DMASK also dS, the additive mask's gradient."""
+    m0 = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start, q_len = _sequence(cu_seqlens_q_ptr, seq, seqlen_q, VARLEN)
+    if m0 >= q_len:
+        return
+    k_start, k_len = _sequence(cu_seqlens_k_ptr, seq, seqlen_k, VARLEN)
+    seq64, head64 = seq.to(tl.int64), head.to(tl.int64)
+    kv_head64 = head64 // group_size
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < q_len
+
+    q_rows = q_ptr + seq64 * stride_qb + head64 * stride_qh + (q_start + offs_m[:, None]) * stride_qm
+    q = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do_rows = dout_ptr + seq64 * stride_dob + head64 * stride_doh + (q_start + offs_m[:, None]) * stride_dom
+    do = tl.load(do_rows + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    stats = seq64 * stride_lb + head64 * stride_lh + q_start + offs_m
+    lse2 = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
+    k_base = k_ptr + seq64 * stride_kb + kv_head64 * stride_kh + k_start * stride_kn
+    v_base = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + k_start * stride_vn
+    if MASK_KIND != 0:
+        mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
+    else:
+        mask_base = mask_ptr
+    if STORE_DMASK:
+        dmask_base = dmask_ptr + seq64 * stride_dmb + head64 * stride_dmh
+    else:
+        dmask_base = dmask_ptr
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
+    else:
+        seed = 0
+        rng_base = 0
+
+    shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
+    full_end, end = _key_spans(m0, q_len, k_len, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    qk_scale2 = sm_scale * _LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, start_n, offs_m, offs_n, offs_d, offs_dv, k_base, v_base, mask_base,
+                      dmask_base, stride_kn, stride_vn, stride_mm, stride_mn, stride_dmm, q_len, k_len, shift,
+                      qk_scale2, seed, rng_base, seqlen_k, dropout_p, HEAD_DIM, HEAD_DIM_V, CAUSAL, MASK_KIND,
+                      DROPOUT, STORE_DMASK, False, PRECISION, UPCAST_DOT)
+    for start_n in range(full_end, end, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, start_n, offs_m, offs_n, offs_d, offs_dv, k_base, v_base, mask_base,
+                      dmask_base, stride_kn, stride_vn, stride_mm, stride_mn, stride_dmm, q_len, k_len, shift,
+                      qk_scale2, seed, rng_base, seqlen_k, dropout_p, HEAD_DIM, HEAD_DIM_V, CAUSAL, MASK_KIND,
+                      DROPOUT, STORE_DMASK, True, PRECISION, UPCAST_DOT)
+    dq_rows = dq_ptr + seq64 * stride_dqb + head64 * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm
+    tl.store(dq_rows + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# Launch configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages). On a GPU each kernel is autotuned over its
+# list, keyed on the head dims, causality, mask kind, dropout and (implicitly) the dtypes; configurations that
+# do not fit the head dim are pruned first. The interpreter runs one small configuration with distinct BLOCK_M
+# and BLOCK_N, so that small test shapes cross many blocks and every masking path.
+FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
+DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3), (16, 32, 4, 2)]
+DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+DELTA_BLOCK_M = 64
+_TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN"]
+
+
+def _register_budget(tile_rows: str, widths: tuple[str, ...]):
+    """A pruning rule: keep configurations whose float32 accumulators (`tile_rows` x the sum of `widths`) need at
+    most 128 registers per thread, so that large head dims do not spill; the smallest tile stays if none does."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        width = sum(args[name] for name in widths)
+        fitting = [c for c in configs if c.kwargs[tile_rows] * width <= 128 * 32 * c.num_warps]
+        return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return prune
+
+
+def _autotuned(kernel, configs, tile_rows: str, widths: tuple[str, ...]):
+    return triton.autotune(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
+        key=_TUNING_KEY, prune_configs_by={"early_config_prune": _register_budget(tile_rows, widths)},
+    )(kernel)
+
+
+_TUNED = {"fwd": _autotuned(_attn_fwd_kernel, FWD_CONFIGS, "BLOCK_M", ("BLOCK_DV",)),
+          "dkdv": _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, "BLOCK_N", ("BLOCK_D", "BLOCK_DV")),
+          "dq": _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS, "BLOCK_M", ("BLOCK_D",))}
+_PLAIN = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+
+
+def _launch(name: str, device: torch.device, grid_rows: int, grid_rest: tuple[int, int], *args, **constexprs):
+    """Launch kernel `name` over (blocks of `grid_rows` rows, *grid_rest): autotuned on a GPU, fixed otherwise."""
+    if device.type == "cuda":
+        def grid(meta):
+            return (triton.cdiv(grid_rows, meta["BLOCK_M" if name != "dkdv" else "BLOCK_N"]), *grid_rest)
+
+        _TUNED[name][grid](*args, **constexprs)
+        return
+    block_m, block_n, num_warps, num_stages = INTERPRETER_CONFIGS[name]
+    grid = (triton.cdiv(grid_rows, block_m if name != "dkdv" else block_n), *grid_rest)
+    _PLAIN[name][grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                       num_stages=num_stages)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _block_dim(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
+    """(input_precision of float32 dots, upcast bfloat16 dots): TF32 only when torch's matmuls may use it."""
+    if device.type != "cuda":
+        return "ieee", dtype == torch.bfloat16
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return ("tf32" if tf32 else "ieee"), False
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (batch, heads, rows, dim) tensor; a packed batch has no batch stride."""
+    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _mask_args(attn_mask: torch.Tensor | None, device: torch.device):
+    """(kernel tensor, four strides, MASK_KIND) of an (batch, heads, Lq, Lk) view of a boolean or float mask."""
+    if attn_mask is None:
+        return None, (0, 0, 0, 0), NO_MASK
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.view(torch.uint8), attn_mask.stride(), BOOL_MASK
+    return attn_mask, attn_mask.stride(), ADDITIVE_MASK
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    dropout_p: float, seed: torch.Tensor | None, causal: bool, bottom_right: bool, scale: float,
+    heads_first_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp) of softmax(scale * q k^T + mask) v, with dropout when `dropout_p` > 0.
+
+    q is (batch, Hq, Lq, D), k (batch, Hk, Lk, D), v (batch, Hk, Lk, Dv), any strides; Hq a multiple of Hk.
+    `attn_mask`, if given, is a (batch, Hq, Lq, Lk) view (broadcast dims with stride 0), boolean or float.
+    Packed sequences: batch is 1, the rows are all tokens, `cu_seqlens_*` (int32, n + 1 entries) split them and
+    `max_seqlen_*` bound each sequence's length. `seed` is an int64 device tensor, read by the kernel.
+    The output is (batch, Hq, Lq, Dv), stored heads-first when `heads_first_out`, else rows-first (a
+    (batch, Lq, Hq, Dv) tensor transposed); the log-sum-exp is float32 (batch, Hq, Lq), +inf for empty rows.
+    """
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    batch, n_heads, rows, head_dim = q.shape
+    head_dim_v = v.shape[-1]
+    varlen = cu_seqlens_q is not None
+    out_shape = (batch, n_heads, rows, head_dim_v) if heads_first_out else (batch, rows, n_heads, head_dim_v)
+    out = (torch.zeros if varlen else torch.empty)(out_shape, dtype=q.dtype, device=q.device)
+    out = out if heads_first_out else out.transpose(1, 2)
+    lse = torch.full((batch, n_heads, rows), math.inf, dtype=torch.float32, device=q.device)
+    n_seqs = cu_seqlens_q.numel() - 1 if varlen else batch
+    if out.numel() == 0 and lse.numel() == 0 or n_seqs == 0:
+        return out, lse
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, q.device)
+    precision, upcast = _precision(q.dtype, q.device)
+    _launch(
+        "fwd", q.device, max_seqlen_q, (n_heads, n_seqs),
+        q, k, v, mask, out, lse, cu_seqlens_q, cu_seqlens_k, seed,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *mask_strides,
+        *_strides3(out, varlen), 0 if varlen else lse.stride(0), lse.stride(1),
+        n_heads, n_heads // k.shape[1], max_seqlen_q, max_seqlen_k, scale, dropout_p,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, CAUSAL=causal, BOTTOM_RIGHT=bottom_right, MASK_KIND=mask_kind,
+        VARLEN=varlen, DROPOUT=dropout_p > 0, PRECISION=precision, UPCAST_DOT=upcast,
+        BLOCK_D=_block_dim(head_dim), BLOCK_DV=_block_dim(head_dim_v),
+    )
+    return out, lse
+
+
+def attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    attn_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, seed: torch.Tensor | None, causal: bool,
+    bottom_right: bool, scale: float, mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, d attn_mask) of `attention_fwd`, the arguments as there; dq, dk, dv take the strides of
+    q, k, v when those are dense. With `mask_grad`, the float32 (batch, Hq, Lq, Lk) gradient of an additive mask
+    (before any reduction over its broadcast dims); otherwise None."""
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    dout, out = _unit_last_stride(dout), _unit_last_stride(out)
+    batch, n_heads, rows, head_dim = q.shape
+    n_kv_heads, keys, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    varlen = cu_seqlens_q is not None
+    alloc = torch.zeros_like if varlen else torch.empty_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    dmask = torch.zeros((batch, n_heads, rows, keys), dtype=torch.float32, device=q.device) if mask_grad else None
+    n_seqs = cu_seqlens_q.numel() - 1 if varlen else batch
+    if n_seqs == 0 or n_heads == 0:
+        return dq, dk, dv, dmask
+    delta = torch.empty_like(lse)
+    lse_strides = (0 if varlen else lse.stride(0), lse.stride(1))
+    if rows:
+        _attn_bwd_delta_kernel[(triton.cdiv(max_seqlen_q, DELTA_BLOCK_M), n_heads, n_seqs)](
+            out, dout, delta, cu_seqlens_q, *_strides3(out, varlen), *_strides3(dout, varlen), *lse_strides,
+            max_seqlen_q, HEAD_DIM_V=head_dim_v, VARLEN=varlen, BLOCK_M=DELTA_BLOCK_M,
+            BLOCK_DV=_block_dim(head_dim_v),
+        )
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, q.device)
+    precision, upcast = _precision(q.dtype, q.device)
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, CAUSAL=causal, BOTTOM_RIGHT=bottom_right,
+                  MASK_KIND=mask_kind, VARLEN=varlen, DROPOUT=dropout_p > 0, PRECISION=precision,
+                  UPCAST_DOT=upcast, BLOCK_D=_block_dim(head_dim), BLOCK_DV=_block_dim(head_dim_v))
+    sizes = (n_heads, n_heads // n_kv_heads, max_seqlen_q, max_seqlen_k, scale, dropout_p)
+    inputs = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *mask_strides,
+              *_strides3(dout, varlen), *lse_strides)
+    if keys:
+        _launch("dkdv", q.device, max_seqlen_k, (n_kv_heads, n_seqs),
+                q, k, v, mask, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, seed,
+                *inputs, *_strides3(dk, varlen), *_strides3(dv, varlen), *sizes, **common)
+    if rows:
+        dmask_strides = (0, 0, 0) if dmask is None else dmask.stride()[:3]
+        _launch("dq", q.device, max_seqlen_q, (n_heads, n_seqs),
+                q, k, v, mask, dout, lse, delta, dq, dmask, cu_seqlens_q, cu_seqlens_k, seed,
+                *inputs, *_strides3(dq, varlen), *dmask_strides, *sizes, STORE_DMASK=mask_grad, **common)
+    return dq, dk, dv, dmask

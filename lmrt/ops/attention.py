@@ -1,0 +1,210 @@
+"""lmrt.ops.scaled_dot_product_attention, and the attention custom ops that the flash_attn_* calls share.
+
+One pair of custom ops, `lmrt::attention_fwd` and `lmrt::attention_bwd`, serves every public attention call. They
+take (batch, heads, rows, dim) views in any strides (a (batch, rows, heads, dim) tensor transposed is such a
+view, so no layout is copied), an optional (batch, heads, Lq, Lk) view of the mask (broadcast dims with stride
+0), optional cu_seqlens for packed sequences, the causal alignment, and a dropout seed drawn from torch's
+generator, so that dropout is reproducible under torch.manual_seed and the backward regenerates the mask.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from lmrt import reference
+from lmrt.ops._checks import check_floating
+from lmrt.ops._dispatch import pick_backend
+
+# The largest head dim the Triton kernels take; larger ones fall back to the reference (or raise, when the
+# triton backend was chosen explicitly).
+MAX_HEAD_DIM = 256
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Attention over (..., heads, L, E) tensors; same call as F.scaled_dot_product_attention.
+
+    Causal masking is top-left aligned (key j visible to query i when j <= i), as in PyTorch. `attn_mask` is
+    boolean (True = take part) or float (added to the scores), broadcastable to (..., heads, L, S). With
+    `enable_gqa`, key and value may have fewer heads than query (a divisor of its count); they are not repeated
+    in memory. A query that sees no key gets zeros. Dropout applies whenever `dropout_p` > 0.
+    """
+    op = "scaled_dot_product_attention"
+    check_attention_inputs(op, query, key, value, keys_dim=-2)
+    check_dropout_p(op, dropout_p)
+    # Batch dims broadcast; a query/key tensor without a heads dim has one head.
+    q, k, v = (t if t.dim() >= 3 else t.unsqueeze(0) for t in (query, key, value))
+    try:
+        batch_shape = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"lmrt.ops.{op}: the batch dims of `query` {list(query.shape)}, `key` {list(key.shape)} "
+                         f"and `value` {list(value.shape)} must broadcast") from None
+    n_heads, n_kv_heads = q.shape[-3], k.shape[-3]
+    if n_kv_heads != n_heads:
+        if n_heads == 1 and not enable_gqa:
+            n_heads = n_kv_heads  # broadcast the single query head
+        elif n_kv_heads != 1 and not (enable_gqa and n_heads % n_kv_heads == 0):
+            need = "a divisor of" if enable_gqa else "equal to (or pass enable_gqa=True for a divisor of)"
+            raise ValueError(f"lmrt.ops.{op}: `key` has {n_kv_heads} heads and `query` {n_heads}; key/value heads "
+                             f"must be {need} the query heads")
+    q = q.expand(*batch_shape, n_heads, *q.shape[-2:]).reshape(-1, n_heads, *q.shape[-2:])
+    k = k.expand(*batch_shape, *k.shape[-3:]).reshape(-1, *k.shape[-3:])
+    v = v.expand(*batch_shape, *v.shape[-3:]).reshape(-1, *v.shape[-3:])
+    rows, keys = q.shape[2], k.shape[2]
+    mask = None
+    if attn_mask is not None:
+        mask = broadcast_mask(op, attn_mask, (*batch_shape, n_heads, rows, keys))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = torch.ops.lmrt.attention_fwd(q, k, v, mask, None, None, rows, keys, float(dropout_p),
+                                          draw_seed(q.device, dropout_p), bool(is_causal), False, scale, True)
+    return out.reshape(*batch_shape, n_heads, rows, v.shape[-1]) if query.dim() >= 3 else out.reshape(rows, -1)
+
+
+def check_attention_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, keys_dim: int, ndim: int | None = None) -> None:
+    """Floating tensors of one dtype and device, of `ndim` dims (at least 2 when None), with the head dim of
+    query and key equal and as many keys (dim `keys_dim`) in key as in value."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        check_floating(op, name, t)
+        if t.dim() < 2 or (ndim is not None and t.dim() != ndim):
+            need = f"{ndim} dims" if ndim is not None else "at least 2 dims"
+            raise ValueError(f"lmrt.ops.{op}: `{name}` must have {need}, got shape {list(t.shape)}")
+    for name, t in (("key", k), ("value", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"lmrt.ops.{op}: `{name}` has dtype {t.dtype} but `query` has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"lmrt.ops.{op}: `{name}` is on {t.device} but `query` is on {q.device}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"lmrt.ops.{op}: the head dim of `key` ({k.shape[-1]}) must equal that of `query` "
+                         f"({q.shape[-1]})")
+    if k.shape[keys_dim] != v.shape[keys_dim]:
+        raise ValueError(f"lmrt.ops.{op}: `key` has {k.shape[keys_dim]} keys but `value` has "
+                         f"{v.shape[keys_dim]}; they must match")
+
+
+def check_dropout_p(op: str, dropout_p: float) -> None:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lmrt.ops.{op}: `dropout_p` must be a float in [0, 1), got {dropout_p!r}")
+
+
+def broadcast_mask(op: str, attn_mask: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """`attn_mask` as a (batch, heads, Lq, Lk) view of its broadcast to `shape` (no copy when the batch dims
+    merge, as they do for one batch dim)."""
+    if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        got = attn_mask.dtype if isinstance(attn_mask, Tensor) else type(attn_mask).__name__
+        raise TypeError(f"lmrt.ops.{op}: `attn_mask` must be a bool or floating-point tensor, got {got}")
+    try:
+        expanded = attn_mask.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"lmrt.ops.{op}: `attn_mask` of shape {list(attn_mask.shape)} does not broadcast to the "
+                         f"attention scores' shape {list(shape)} (batch..., heads, L, S)") from None
+    return expanded.reshape(-1, *shape[-3:])
+
+
+def draw_seed(device: torch.device, dropout_p: float) -> Tensor | None:
+    """A dropout seed from torch's generator for `device` (so torch.manual_seed makes dropout reproducible)."""
+    if dropout_p <= 0:
+        return None
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def _backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str:
+    def limits(name: str) -> str | None:
+        head_dim = max(q.shape[-1], v.shape[-1])
+        if name == "triton" and head_dim > MAX_HEAD_DIM:
+            return f"its kernels take head dims up to {MAX_HEAD_DIM}, not {head_dim}"
+        return None
+
+    dtypes = [q.dtype, k.dtype, v.dtype] + ([attn_mask.dtype] if attn_mask is not None and
+                                             attn_mask.is_floating_point() else [])
+    return pick_backend("attention", q.device, dtypes, limits)
+
+
+def _output_layout(out: Tensor, heads_first: bool) -> Tensor:
+    """`out` (batch, heads, rows, dim) stored heads-first, or rows-first and viewed heads-first."""
+    if heads_first:
+        return out.contiguous()
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op("lmrt::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, seed: Tensor | None,
+    causal: bool, bottom_right: bool, scale: float, heads_first_out: bool,
+) -> tuple[Tensor, Tensor]:
+    """(output, float32 log-sum-exp per query row); see kernels/attention.py's `attention_fwd`."""
+    args = (q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, causal,
+            bottom_right, scale)
+    if _backend(q, k, v, attn_mask) == "triton":
+        from lmrt.kernels.attention import attention_fwd as triton_attention_fwd
+
+        return triton_attention_fwd(*args, heads_first_out)
+    out, lse = reference.attention_fwd(*args)
+    return _output_layout(out, heads_first_out), lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, causal,
+      bottom_right, scale, heads_first_out):
+    batch, n_heads, rows, _ = q.shape
+    out = q.new_empty(batch, n_heads, rows, v.shape[-1])
+    return _output_layout(out, heads_first_out), q.new_empty(batch, n_heads, rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("lmrt::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Tensor | None,
+    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    dropout_p: float, seed: Tensor | None, causal: bool, bottom_right: bool, scale: float, mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d attn_mask): dq, dk, dv like q, k, v; the mask's gradient float32 (batch, Hq, Lq, Lk) when
+    `mask_grad`, else an empty tensor."""
+    args = (q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed,
+            causal, bottom_right, scale)
+    if _backend(q, k, v, attn_mask) == "triton":
+        from lmrt.kernels.attention import attention_bwd as triton_attention_bwd
+
+        dq, dk, dv, dmask = triton_attention_bwd(grad_out, *args, mask_grad)
+    else:
+        grads = reference.attention_bwd(grad_out, *args)
+        dq, dk, dv = (torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3], strict=True))
+        dmask = grads[3] if mask_grad else None
+    return dq, dk, dv, (dmask if mask_grad else q.new_empty(0, dtype=torch.float32))
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+      seed, causal, bottom_right, scale, mask_grad):
+    dmask_shape = (*q.shape[:3], k.shape[2]) if mask_grad else (0,)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(dmask_shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p, seed, causal, bottom_right, scale, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.settings = (max_q, max_k, dropout_p, causal, bottom_right, scale)
+    ctx.mask_grad = attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+    max_q, max_k, dropout_p, causal, bottom_right, scale = ctx.settings
+    dq, dk, dv, dmask = torch.ops.lmrt.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q,
+                                                     cu_seqlens_k, max_q, max_k, dropout_p, seed, causal,
+                                                     bottom_right, scale, ctx.mask_grad)
+    dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
