@@ -56,9 +56,10 @@ def scaled_dot_product_attention(
             need = "a divisor of" if enable_gqa else "equal to (or pass enable_gqa=True for a divisor of)"
             raise ValueError(f"lmrt.ops.{op}: `key` has {n_kv_heads} heads and `query` {n_heads}; key/value heads "
                              f"must be {need} the query heads")
-    q = q.expand(*batch_shape, n_heads, *q.shape[-2:]).reshape(-1, n_heads, *q.shape[-2:])
-    k = k.expand(*batch_shape, *k.shape[-3:]).reshape(-1, *k.shape[-3:])
-    v = v.expand(*batch_shape, *v.shape[-3:]).reshape(-1, *v.shape[-3:])
+    batch = math.prod(batch_shape)
+    q = q.expand(*batch_shape, n_heads, *q.shape[-2:]).reshape(batch, n_heads, *q.shape[-2:])
+    k = k.expand(*batch_shape, *k.shape[-3:]).reshape(batch, *k.shape[-3:])
+    v = v.expand(*batch_shape, *v.shape[-3:]).reshape(batch, *v.shape[-3:])
     rows, keys = q.shape[2], k.shape[2]
     mask = None
     if attn_mask is not None:
@@ -106,7 +107,7 @@ def broadcast_mask(op: str, attn_mask: Tensor, shape: tuple[int, ...]) -> Tensor
     except RuntimeError:
         raise ValueError(f"lmrt.ops.{op}: `attn_mask` of shape {list(attn_mask.shape)} does not broadcast to the "
                          f"attention scores' shape {list(shape)} (batch..., heads, L, S)") from None
-    return expanded.reshape(-1, *shape[-3:])
+    return expanded.reshape(math.prod(shape[:-3]), *shape[-3:])
 
 
 def draw_seed(device: torch.device, dropout_p: float) -> Tensor | None:

@@ -1,0 +1,436 @@
+"""lmrt's attention ops against the float64 reference, flash-attention style.
+
+Each case compares a backend with the exact answer (lmrt.reference in float64) and with PyTorch's own computation
+in the inputs' dtype (the matmuls in that dtype, the softmax in float32, as flash-attention's `attention_ref`
+with upcast=False): the output's error may be at most 2x PyTorch's, each gradient's at most 3x, plus 4 ulps.
+Small shapes run everywhere (the Triton interpreter on the CPU); the `cuda` grid runs long sequences on a GPU.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmrt
+from lmrt import backends, reference
+from lmrt.ops.attention import draw_seed
+from tests.conftest import DEVICE, DTYPES
+from tests.ops.test_layer_norm import BACKENDS
+from tests.tolerance import check_against_torch, check_compiled_matches_eager
+
+# (batch, query heads, key/value heads, Lq, Lk, head dim): lengths that are no multiple of a block, query and
+# key lengths that differ both ways, head dims that are no power of two, grouped- and multi-query heads.
+SHAPES = [(1, 1, 1, 1, 1, 16), (2, 2, 2, 17, 203, 40), (1, 2, 1, 113, 17, 59), (1, 4, 2, 37, 37, 80),
+          (1, 1, 1, 33, 70, 96), (1, 3, 3, 21, 45, 111), (1, 2, 2, 19, 30, 160), (1, 1, 1, 24, 40, 256)]
+GPU_SHAPES = [(2, 4, 4, 1023, 1024, 64), (1, 8, 2, 1024, 1023, 128), (2, 4, 1, 113, 2048, 80), (1, 2, 2, 2049, 512, 256),
+              (4, 6, 3, 257, 257, 59), (1, 4, 4, 4096, 4096, 128)]
+
+
+def attention_in_dtype(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, bottom_right=False,
+                       dropout_mask=None):
+    """PyTorch's computation in the inputs' dtype: q k^T and p v as matmuls in the dtype, softmax in float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    s = ((q @ k.transpose(-1, -2)) * scale).float()
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask.float()
+    if is_causal:
+        rows, keys = s.shape[-2:]
+        visible = torch.ones(rows, keys, dtype=torch.bool, device=q.device).tril(keys - rows if bottom_right else 0)
+        s = s.masked_fill(~visible, -math.inf)
+    empty = (s == -math.inf).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1 - dropout_p)
+    return p.to(v.dtype) @ v
+
+
+def flash_attn_in_dtype(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, dropout_mask=None):
+    """attention_in_dtype on flash-attn's (batch, L, heads, dim) layout with bottom-right causality."""
+    out = attention_in_dtype(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, dropout_p, causal,
+                             softmax_scale, bottom_right=True, dropout_mask=dropout_mask)
+    return out.transpose(1, 2)
+
+
+def _qkv(batch, heads, kv_heads, rows, keys, head_dim, dtype, head_dim_v=None, scale=1.0):
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype) * scale
+
+    return (randn(batch, heads, rows, head_dim), randn(batch, kv_heads, keys, head_dim),
+            randn(batch, kv_heads, keys, head_dim_v or head_dim))
+
+
+def _check_sdpa(backend, q, k, v, attn_mask=None, **kwargs):
+    def lmrt_fn(q, k, v, mask=None):
+        return lmrt.ops.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, **kwargs)
+
+    def exact_fn(q, k, v, mask=None):
+        return reference.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, **kwargs)
+
+    def torch_fn(q, k, v, mask=None):
+        return attention_in_dtype(q, k, v, mask, **kwargs)
+
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
+    with lmrt.backend(backend):
+        check_against_torch(lmrt_fn, torch_fn, exact_fn, [q, k, v, attn_mask], grad_out,
+                            ["query", "key", "value", "attn_mask"], grad_factor=3.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_sdpa_matches_reference(shape, dtype, causal, backend):
+    _check_sdpa(backend, *_qkv(*shape, dtype), is_causal=causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_sdpa_matches_reference_long(shape, dtype, causal):
+    _check_sdpa("triton", *_qkv(*shape, dtype), is_causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,keys", [(5, 37), (37, 5), (33, 33)], ids=str)
+def test_flash_attn_func_bottom_right(rows, keys, dtype, causal, backend):
+    q, k, v = (t.transpose(1, 2) for t in _qkv(2, 4, 2, rows, keys, 64, dtype))
+    with lmrt.backend(backend):
+        check_against_torch(lambda q, k, v: lmrt.ops.flash_attn_func(q, k, v, causal=causal),
+                            lambda q, k, v: flash_attn_in_dtype(q, k, v, causal=causal),
+                            lambda q, k, v: reference.flash_attn_func(q, k, v, causal=causal),
+                            [q, k, v], torch.randn_like(q), ["q", "k", "v"], grad_factor=3.0)
+    assert lmrt.ops.flash_attn_func(q, k, v).is_contiguous()  # (batch, L, heads, dim), as flash-attn returns
+
+
+def _packed(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype):
+    q = torch.randn(sum(lengths_q), heads, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(sum(lengths_k), kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(sum(lengths_k), kv_heads, head_dim, device=DEVICE, dtype=dtype)
+
+    def offsets(lengths):
+        return torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+
+    return q, k, v, offsets(lengths_q), offsets(lengths_k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_attn_varlen_func(dtype, causal, backend):
+    lengths_q, lengths_k = [1, 17, 0, 40, 5], [3, 17, 9, 33, 0]
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 4, 2, 40, dtype)
+    packed = (cu_q, cu_k, max(lengths_q), max(lengths_k))
+
+    def torch_fn(q, k, v):
+        return torch.cat([flash_attn_in_dtype(q[None, a:b], k[None, c:d], v[None, c:d], causal=causal)[0]
+                          for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True)])
+
+    with lmrt.backend(backend):
+        check_against_torch(lambda q, k, v: lmrt.ops.flash_attn_varlen_func(q, k, v, *packed, causal=causal),
+                            torch_fn,
+                            lambda q, k, v: reference.flash_attn_varlen_func(q, k, v, *packed, causal=causal),
+                            [q, k, v], torch.randn_like(q), ["q", "k", "v"], grad_factor=3.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["key_padding", "bool", "additive"])
+def test_attn_mask(kind, dtype, backend):
+    q, k, v = _qkv(2, 4, 2, 29, 41, 48, dtype)
+    if kind == "key_padding":  # (batch, 1, 1, Lk): True for the keys that are real tokens
+        mask = torch.arange(41, device=DEVICE) < torch.tensor([41, 23], device=DEVICE)[:, None]
+        mask = mask[:, None, None, :]
+    elif kind == "bool":  # one pattern per head, broadcast over the batch
+        mask = torch.rand(4, 29, 41, device=DEVICE) > 0.3
+    else:  # a float bias broadcast over batch and heads, with -inf entries; its gradient is checked too
+        mask = torch.randn(29, 41, device=DEVICE, dtype=dtype).masked_fill(torch.rand(29, 41, device=DEVICE) < 0.2,
+                                                                           -math.inf)
+    _check_sdpa(backend, q, k, v, mask)
+    _check_sdpa(backend, q, k, v, mask, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_fully_masked_rows_give_zeros(kind, backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 2, 19, 23, 32, torch.float32))
+    hidden = torch.zeros(19, 23, dtype=torch.bool, device=DEVICE)
+    hidden[[0, 7, 18]] = True  # rows 0, 7 and 18 see no key
+    mask = ~hidden if kind == "bool" else torch.zeros(19, 23, device=DEVICE).masked_fill(hidden, -math.inf)
+    with lmrt.backend(backend):
+        out = lmrt.ops.scaled_dot_product_attention(q, k, v, mask)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    assert torch.equal(out[:, :, [0, 7, 18]], torch.zeros_like(out[:, :, [0, 7, 18]]))
+    assert torch.equal(q.grad[:, :, [0, 7, 18]], torch.zeros_like(q.grad[:, :, [0, 7, 18]]))
+    for t in (out, q.grad, k.grad, v.grad):
+        assert t.isfinite().all()
+    exact = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask)
+    torch.testing.assert_close(out.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_rows_before_the_first_key_give_zeros(backend):
+    """flash-attn's bottom-right causal mask with Lq > Lk hides every key from the first Lq - Lk queries."""
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in _qkv(1, 2, 2, 40, 9, 32, torch.float32))
+    with lmrt.backend(backend):
+        out = lmrt.ops.flash_attn_func(q, k, v, causal=True)
+        out.sum().backward()
+    assert torch.equal(out[:, :31], torch.zeros_like(out[:, :31]))
+    assert q.grad.isfinite().all() and torch.equal(q.grad[:, :31], torch.zeros_like(q.grad[:, :31]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
+    q, k, v = _qkv(2, 4, 2, 37, 45, 40, dtype)
+    p = 0.3
+    torch.manual_seed(1234)
+    seed = draw_seed(torch.device(DEVICE), p)
+    keep = reference.dropout_keep_mask(int(seed.item()), (2, 4, 37, 45), p, DEVICE)
+
+    def lmrt_fn(q, k, v):
+        torch.manual_seed(1234)  # the op draws the same seed
+        return lmrt.ops.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+
+    def with_mask(fn):
+        return lambda q, k, v: fn(q, k, v, None, p, True, dropout_mask=keep) if fn is attention_in_dtype else \
+            fn(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True, dropout_mask=keep)
+
+    with lmrt.backend(backend):
+        check_against_torch(lmrt_fn, with_mask(attention_in_dtype), with_mask(reference.scaled_dot_product_attention),
+                            [q, k, v], torch.randn_like(q), ["query", "key", "value"], grad_factor=3.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_fraction_and_mask(p, backend):
+    """With q = k = 0 every probability is 1/Lk, and with v = I the output is the kept-and-rescaled mask itself."""
+    keys = 96
+    q = torch.zeros(2, 3, 64, 16, device=DEVICE)
+    k = torch.zeros(2, 3, keys, 16, device=DEVICE)
+    v = torch.eye(keys, device=DEVICE).expand(2, 3, keys, keys)
+    torch.manual_seed(7)
+    with lmrt.backend(backend):
+        out = lmrt.ops.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    kept = out * keys * (1 - p)
+    assert torch.allclose(kept, kept.round(), atol=1e-4), "every entry is 0 or 1/((1-p) Lk)"
+    assert abs((kept.round() == 0).double().mean().item() - p) < 0.01
+    torch.manual_seed(7)
+    seed = int(draw_seed(torch.device(DEVICE), p).item())
+    assert torch.equal(kept.round().bool(), reference.dropout_keep_mask(seed, (2, 3, 64, keys), p, DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_is_reproducible_under_manual_seed(backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 33, 33, 32, torch.float32))
+    results = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        with lmrt.backend(backend):
+            out = lmrt.ops.flash_attn_func(q, k, v, dropout_p=0.2)
+        results.append((out, *torch.autograd.grad(out.sum(), (q, k, v))))
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
+    assert not torch.equal(results[0][0], results[2][0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_and_value_head_dim(backend):
+    q, k, v = _qkv(2, 2, 2, 17, 29, 24, torch.float32, head_dim_v=40)
+    _check_sdpa(backend, q, k, v, scale=0.37)
+    _check_sdpa(backend, q, k, v, scale=0.37, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_shapes_and_broadcasting(backend):
+    """Extra batch dims, 2-D and 3-D inputs, a key/value batch of 1 and one key/value head broadcast, as F.sdpa."""
+    cases = [((2, 3, 4, 9, 16), (2, 3, 4, 11, 16)), ((9, 16), (11, 16)), ((4, 9, 16), (4, 11, 16)),
+             ((2, 4, 9, 16), (1, 4, 11, 16)), ((2, 4, 9, 16), (2, 1, 11, 16))]
+    for q_shape, k_shape in cases:
+        q, k, v = (torch.randn(s, device=DEVICE) for s in (q_shape, k_shape, k_shape))
+        with lmrt.backend(backend):
+            out = lmrt.ops.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_are_read_in_place(backend):
+    base = torch.randn(2, 33, 4, 3 * 32, device=DEVICE)  # a fused qkv projection, (batch, L, heads, 3 * dim)
+    q, k, v = (base[..., i * 32 : (i + 1) * 32].transpose(1, 2) for i in range(3))
+    _check_sdpa(backend, q, k, v, is_causal=True)
+    _check_sdpa(backend, *(t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,keys", [(0, 7), (7, 0), (0, 0)], ids=str)
+def test_empty_sequences(rows, keys, backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 2, rows, keys, 16, torch.float32))
+    with lmrt.backend(backend):
+        out = lmrt.ops.scaled_dot_product_attention(q, k, v)
+        out.sum().backward()
+    assert out.shape == (2, 2, rows, 16) and torch.equal(out, torch.zeros_like(out))
+    for t in (q, k, v):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("length", [1, 2, 5, 17, 128])
+def test_backward_stays_finite_with_large_inputs(length, backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, length, length, 64, torch.float16, scale=5.0))
+    with lmrt.backend(backend):
+        out = lmrt.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.randn_like(out))
+    for t in (out, q.grad, k.grad, v.grad):
+        assert t.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_deterministic(backend):
+    q, k, v = _qkv(2, 8, 2, 67, 130, 40, torch.float32)  # 4 query heads per key/value head: their dK, dV add up
+    mask = torch.randn(67, 130, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+        with lmrt.backend(backend):
+            out = lmrt.ops.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+            out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in leaves])
+    for first, second in zip(*grads, strict=True):
+        assert torch.equal(first, second)
+
+
+def test_head_dim_above_the_kernels_falls_back_or_raises(monkeypatch):
+    q, k, v = _qkv(1, 1, 1, 5, 5, 288, torch.float32)
+    with lmrt.backend("triton"), pytest.raises(RuntimeError, match="'triton' backend was chosen.*head dims up to 256"):
+        lmrt.ops.scaled_dot_product_attention(q, k, v)
+    monkeypatch.setitem(backends._DEFAULT_ORDER, DEVICE, ("triton", "torch"))
+    if backends.unavailable_reason("triton", DEVICE) is None:
+        with pytest.warns(UserWarning, match="'triton' backend cannot serve this call.*head dims up to 256"):
+            out = lmrt.ops.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    q, k, v = _qkv(2, 4, 2, 9, 21, 16, torch.float32)
+    mask = torch.randn(1, 1, 9, 21, device=DEVICE).expand(2, 4, 9, 21)
+    seed = torch.tensor([42], device=DEVICE)
+    cu, max_len = torch.tensor([0, 4, 9], device=DEVICE, dtype=torch.int32), 5
+    packed = [t[:1, :, :9] for t in (q, k, v)]
+    calls = [(q, k, v, None, None, None, 9, 21, 0.0, None, True, False, 0.5, True),
+             (q, k, v, mask.clone().requires_grad_(), None, None, 9, 21, 0.0, None, False, False, 0.5, False),
+             (q, k, v, None, None, None, 9, 21, 0.25, seed, True, True, 0.5, True),
+             (*packed, None, cu, cu, max_len, max_len, 0.0, None, True, True, 0.5, False)]
+    with lmrt.backend(backend):
+        for args in calls:
+            args = [t.clone().requires_grad_() if i < 3 else t for i, t in enumerate(args)]
+            torch.library.opcheck(torch.ops.lmrt.attention_fwd.default, args)
+            out, lse = torch.ops.lmrt.attention_fwd(*args)
+            mask_grad = args[3] is not None
+            plain = [a.detach() if torch.is_tensor(a) else a for a in args]
+            torch.library.opcheck(torch.ops.lmrt.attention_bwd.default,
+                                  (torch.randn_like(out), *plain[:3], out.detach(), lse.detach(), *plain[3:13], mask_grad))
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v = _qkv(2, 4, 2, 19, 27, 32, torch.float32)
+    mask = torch.randn(19, 27, device=DEVICE)
+
+    def sdpa_step(q, k, v, mask):
+        return lmrt.ops.scaled_dot_product_attention(q, k, v, mask, is_causal=True, enable_gqa=True).sin().sum()
+
+    check_compiled_matches_eager(sdpa_step, (q, k, v, mask))
+
+    def flash_step(q, k, v):
+        return lmrt.ops.flash_attn_func(q, k, v, causal=True).sin().sum()
+
+    check_compiled_matches_eager(flash_step, [t.transpose(1, 2) for t in (q, k, v)])
+    q, k, v, cu_q, cu_k = _packed([3, 9, 1], [5, 2, 8], 4, 2, 32, torch.float32)
+
+    def varlen_step(q, k, v):
+        return lmrt.ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 8, causal=True).sin().sum()
+
+    check_compiled_matches_eager(varlen_step, (q, k, v))
+
+
+class TestBadInput:
+    def test_dtype_mismatch(self):
+        q, k, v = _qkv(1, 1, 1, 4, 4, 8, torch.float32)
+        with pytest.raises(TypeError, match="`key` has dtype torch.float16 but `query` has torch.float32"):
+            lmrt.ops.scaled_dot_product_attention(q, k.half(), v)
+
+    def test_integer_input(self):
+        q = torch.ones(1, 1, 4, 8, dtype=torch.long)
+        with pytest.raises(TypeError, match="`query` must be a floating-point tensor"):
+            lmrt.ops.scaled_dot_product_attention(q, q, q)
+
+    def test_head_dims_differ(self):
+        q, k, v = _qkv(1, 1, 1, 4, 4, 8, torch.float32)
+        with pytest.raises(ValueError, match=r"head dim of `key` \(9\) must equal that of `query` \(8\)"):
+            lmrt.ops.scaled_dot_product_attention(q, torch.randn(1, 1, 4, 9), v)
+
+    def test_key_value_lengths_differ(self):
+        q, k, v = _qkv(1, 1, 1, 4, 4, 8, torch.float32)
+        with pytest.raises(ValueError, match="`key` has 4 keys but `value` has 5"):
+            lmrt.ops.scaled_dot_product_attention(q, k, torch.randn(1, 1, 5, 8))
+
+    def test_heads_not_a_multiple(self):
+        q, k, v = _qkv(1, 6, 4, 4, 4, 8, torch.float32)
+        with pytest.raises(ValueError, match="`key` has 4 heads and `query` 6"):
+            lmrt.ops.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        with pytest.raises(ValueError, match="same number of heads, a divisor of the query's 6"):
+            lmrt.ops.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)))
+
+    def test_gqa_needs_enable_gqa(self):
+        q, k, v = _qkv(1, 4, 2, 4, 4, 8, torch.float32)
+        with pytest.raises(ValueError, match="pass enable_gqa=True"):
+            lmrt.ops.scaled_dot_product_attention(q, k, v)
+
+    def test_mask_that_does_not_broadcast(self):
+        q, k, v = _qkv(2, 2, 2, 4, 5, 8, torch.float32)
+        with pytest.raises(ValueError, match=r"`attn_mask` of shape \[4, 4\] does not broadcast.*\[2, 2, 4, 5\]"):
+            lmrt.ops.scaled_dot_product_attention(q, k, v, torch.ones(4, 4, dtype=torch.bool))
+
+    def test_integer_mask(self):
+        q, k, v = _qkv(1, 1, 1, 4, 5, 8, torch.float32)
+        with pytest.raises(TypeError, match="`attn_mask` must be a bool or floating-point tensor, got torch.int64"):
+            lmrt.ops.scaled_dot_product_attention(q, k, v, torch.ones(4, 5, dtype=torch.long))
+
+    @pytest.mark.parametrize("p", [-0.1, 1.0])
+    def test_dropout_p_out_of_range(self, p):
+        q, k, v = _qkv(1, 1, 1, 4, 5, 8, torch.float32)
+        with pytest.raises(ValueError, match=f"`dropout_p` must be a float in \\[0, 1\\), got {p}"):
+            lmrt.ops.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+    def test_flash_layout_needs_four_dims(self):
+        q = torch.randn(4, 2, 8)
+        with pytest.raises(ValueError, match=r"`query` must have 4 dims, got shape \[4, 2, 8\]"):
+            lmrt.ops.flash_attn_func(q, q, q)
+
+    def test_varlen_offsets(self):
+        q, k, v, cu_q, cu_k = _packed([3, 4], [3, 4], 2, 2, 8, torch.float32)
+        with pytest.raises(TypeError, match="`cu_seqlens_q` must be a 1-D int32 tensor.*torch.float32"):
+            lmrt.ops.flash_attn_varlen_func(q, k, v, cu_q.float(), cu_k, 4, 4)
+        with pytest.raises(ValueError, match="`cu_seqlens_q` has 3 offsets and `cu_seqlens_k` 2"):
+            lmrt.ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k[:2], 4, 4)
+        with pytest.raises(TypeError, match="`max_seqlen_k` must be a non-negative Python int, got tensor"):
+            lmrt.ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, torch.tensor(4))
+
+    @pytest.mark.cuda
+    def test_key_on_another_device(self):
+        q, k, v = _qkv(1, 1, 1, 4, 5, 8, torch.float32)
+        with pytest.raises(ValueError, match="`key` is on cpu but `query` is on cuda"):
+            lmrt.ops.scaled_dot_product_attention(q.cuda(), k.cpu(), v.cuda())
+
+
+def test_no_warning_on_the_default_path():
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lmrt.ops.scaled_dot_product_attention(q, k, v)
