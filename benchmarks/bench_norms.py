@@ -37,15 +37,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
-import json
-import platform
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -55,16 +49,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import lmrt
+from benchmarks import common
 from lmrt import reference
 
 OPS = ("layer_norm", "rms_norm", "softmax")
 MODES = ("fwd", "bwd")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Passed explicitly so that every provider normalizes with the same eps.
 EPS = 1e-5
-# Allowed error: |result - exact| <= tol * max|exact| + tol * |exact|. Scaling the absolute part by the exact
-# result's largest magnitude makes one figure serve outputs of order 1 (norms) and of order 1/N (softmax).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 CHECKED = ("output", "grad_input")
 PROVIDER_COLORS = {"lmrt-triton": "tab:red", "lmrt": "tab:orange", "torch": "tab:blue", "naive": "tab:gray",
                    "compile": "tab:green"}
@@ -81,10 +72,6 @@ QUICK_GRID = Grid(256, (512, 1024), ("float32",))
 CPU_GRID = Grid(1024, (256, 1024, 4096), ("float32",))
 # The target grid: forward at >= 90% of the copy bandwidth, backward at >= 70%.
 CUDA_GRID = Grid(4096, (1024, 2048, 4096, 8192, 16384), ("bfloat16", "float32"))
-
-# (fn, tensors whose .grad is reset before every call) -> (median, 20th percentile, 80th percentile) in ms.
-Timer = Callable[[Callable[[], object], Sequence[Tensor]], tuple[float, float, float]]
-
 
 @dataclass(frozen=True)
 class Provider:
@@ -138,7 +125,7 @@ def providers(device: torch.device) -> list[Provider]:
         found.append(Provider("lmrt-triton", lmrt.ops, backend="triton"))
     found += [Provider("lmrt", lmrt.ops), Provider("torch", F), Provider("naive", reference)]
     if on_cuda:
-        compiled = {op: torch.compile(getattr(reference, op), dynamic=False) for op in OPS}
+        compiled = {op: common.compile_for_timing(getattr(reference, op), dynamic=False) for op in OPS}
         found.append(Provider("compile", SimpleNamespace(**compiled)))
     return found
 
@@ -159,20 +146,15 @@ def call_op(op: str, functions: Any, case: Case) -> Tensor:
     return functions.softmax(case.x, -1)
 
 
-def _reset_grads(leaves: Sequence[Tensor]) -> None:
-    for leaf in leaves:
-        leaf.grad = None
-
-
 def run_once(functions: Any, case: Case, mode: str) -> list[Tensor | None]:
     """[output] (fwd), or [output, gradient with respect to x] (bwd), of `functions` on `case`."""
-    _reset_grads(case.leaves)
+    common.reset_grads(case.leaves)
     y = call_op(case.op, functions, case)
     if mode == "fwd":
         return [y.detach()]
     y.backward(case.dy)
     grad_input = case.x.grad
-    _reset_grads(case.leaves)
+    common.reset_grads(case.leaves)
     return [y.detach(), grad_input]
 
 
@@ -181,33 +163,14 @@ def exact_results(case: Case) -> list[Tensor]:
     return run_once(reference, case.as_float64(), "bwd")
 
 
-def compare(results: Sequence[Tensor | None], exact: Sequence[Tensor], dtype: torch.dtype) -> str | None:
-    """None when every result is within TOLERANCE[dtype] of the exact one, else what is wrong with the first bad one."""
-    tol = TOLERANCE[dtype]
-    for name, result, expected in zip(CHECKED[: len(results)], results, exact, strict=True):
-        if result is None:
-            return f"{name}: missing"
-        if result.shape != expected.shape or result.dtype != dtype:
-            return f"{name}: {result.dtype} {list(result.shape)}, expected {dtype} {list(expected.shape)}"
-        error = (result.double() - expected).abs()
-        bound = tol * expected.abs().max() + tol * expected.abs()
-        outside = ~(error <= bound)  # NaN counts as outside
-        if outside.any():
-            worst = error.nan_to_num(float("inf")).max().item()
-            return (f"{name}: {int(outside.sum())} of {error.numel()} elements off by more than {tol:g} x (max|exact| "
-                    f"+ |exact|); max error {worst:.3g}, max|exact| {expected.abs().max().item():.3g}")
-    return None
-
-
 def check_provider(provider: Provider, case: Case, mode: str, exact: Sequence[Tensor]) -> str | None:
     """None when `provider` computes `case` in `mode` within tolerance of `exact`, else why it is WRONG."""
     try:
         with _backend_of(provider):
             results = run_once(provider.functions, case, mode)
     except Exception as error:  # a provider that fails is a result to report, not the end of the run
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return f"raised {type(error).__name__}: {first_line[:300]}"
-    return compare(results, exact[: len(results)], case.x.dtype)
+        return common.raised(error)
+    return common.compare(CHECKED, results, exact[: len(results)], case.x.dtype)
 
 
 def bytes_moved(op: str, mode: str, rows: int, cols: int, dtype: torch.dtype) -> int:
@@ -231,64 +194,13 @@ def timed_call(provider: Provider, case: Case, mode: str) -> Callable[[], object
     return lambda: y.backward(case.dy, retain_graph=True)
 
 
-def cuda_timer(fn: Callable[[], object], grad_to_none: Sequence[Tensor]) -> tuple[float, float, float]:
-    from triton.testing import do_bench  # triton is imported on CUDA only; the CPU runs never need it
-
-    median, p20, p80 = do_bench(fn, grad_to_none=list(grad_to_none), quantiles=[0.5, 0.2, 0.8])
-    return median, p20, p80
-
-
-def cpu_timer(budget_s: float, warmup: int = 2, min_reps: int = 5, max_reps: int = 1000) -> Timer:
-    """A Timer that times calls one by one with perf_counter for about `budget_s` seconds, at least `min_reps`."""
-
-    def bench(fn: Callable[[], object], grad_to_none: Sequence[Tensor]) -> tuple[float, float, float]:
-        for _ in range(warmup):
-            _reset_grads(grad_to_none)
-            fn()
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < deadline):
-            _reset_grads(grad_to_none)
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        levels = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
-        median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(levels).tolist()
-        return median, p20, p80
-
-    return bench
-
-
-def copy_bandwidth_gbps(device: torch.device, timer: Timer, nbytes: int) -> float:
-    """The device's copy ceiling: GB/s of copying `nbytes` between two buffers on it (bytes read + written)."""
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    median, _, _ = timer(lambda: dst.copy_(src), [])
-    return 2 * nbytes / (median * 1e-3) / 1e9
-
-
-def peak_memory_mb(fn: Callable[[], object], leaves: Sequence[Tensor], device: torch.device) -> float | None:
-    """MiB one call of `fn` allocates at its peak beyond what was allocated before it; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    _reset_grads(leaves)
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    _reset_grads(leaves)
-    return peak / 2**20
-
-
 def measure(
-    case: Case, provider: Provider, mode: str, exact: Sequence[Tensor], timer: Timer, copy_gbps: float,
+    case: Case, provider: Provider, mode: str, exact: Sequence[Tensor], timer: common.Timer, copy_gbps: float,
 ) -> dict[str, Any]:
     """One result row: `provider` checked against `exact`, then timed with `timer` unless it is WRONG."""
     rows, cols = case.x.shape
     row: dict[str, Any] = {
-        "op": case.op, "mode": mode, "dtype": str(case.x.dtype).removeprefix("torch."), "M": rows, "N": cols,
+        "op": case.op, "mode": mode, "dtype": common.dtype_str(case.x.dtype), "M": rows, "N": cols,
         "provider": provider.name, "status": "ok", "error": None, "ms": None, "ms_p20": None, "ms_p80": None,
         "bytes": bytes_moved(case.op, mode, rows, cols, case.x.dtype), "gbps": None, "copy_fraction": None,
         "peak_memory_mb": None, "time_vs_torch": None,
@@ -298,17 +210,15 @@ def measure(
         row.update(status="WRONG", error=error)
         return row
     with _backend_of(provider):
-        fn = timed_call(provider, case, mode)
-        median, p20, p80 = timer(fn, case.leaves)
-        peak = peak_memory_mb(fn, case.leaves, case.x.device)
-    gbps = row["bytes"] / (median * 1e-3) / 1e9
-    row.update(ms=median, ms_p20=p20, ms_p80=p80, gbps=gbps, copy_fraction=gbps / copy_gbps, peak_memory_mb=peak)
+        row.update(common.time_call(timed_call(provider, case, mode), case.leaves, timer, case.x.device))
+    gbps = row["bytes"] / (row["ms"] * 1e-3) / 1e9
+    row.update(gbps=gbps, copy_fraction=gbps / copy_gbps)
     return row
 
 
 def benchmark(
     ops: Sequence[str], modes: Sequence[str], dtypes: Sequence[str], grid: Grid, device: torch.device,
-    timer: Timer, copy_gbps: float,
+    timer: common.Timer, copy_gbps: float,
 ) -> list[dict[str, Any]]:
     """Every (op, dtype, N, mode, provider) of the grid: one row each, with its time relative to `torch`."""
     measured = providers(device)
@@ -321,52 +231,13 @@ def benchmark(
                     # Each shape compiles afresh, so dynamo's recompile limit and automatic dynamic shapes
                     # never turn the compiled provider into something slower than a specialized graph.
                     torch.compiler.reset()
-                case = make_case(op, grid.rows, cols, DTYPES[dtype_name], device)
+                case = make_case(op, grid.rows, cols, common.DTYPES[dtype_name], device)
                 exact = exact_results(case)
                 for mode in modes:
                     rows = [measure(case, provider, mode, exact, timer, copy_gbps) for provider in measured]
-                    torch_ms = next((r["ms"] for r in rows if r["provider"] == "torch" and r["ms"]), None)
-                    for row in rows:
-                        if row["ms"] is not None and torch_ms is not None:
-                            row["time_vs_torch"] = row["ms"] / torch_ms
+                    common.set_time_ratio(rows, "time_vs_torch", {"torch"})
                     results += rows
     return results
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _triton_version() -> str | None:
-    # Read from the installed distribution, so that CPU runs need not import triton.
-    for distribution in ("triton", "pytorch-triton"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            return importlib.metadata.version(distribution)
-    return None
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
-def run_meta(device: torch.device, copy_gbps: float) -> dict[str, Any]:
-    return {
-        "device": device_name(device), "device_type": device.type, "torch_version": torch.__version__,
-        "triton_version": _triton_version(), "python_version": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
-        "copy_bandwidth_gbps": copy_gbps,
-    }
 
 
 TABLE_COLUMNS = ("op", "mode", "dtype", "M x N", "provider", "ms", "p20-p80 ms", "GB/s", "% copy", "vs torch",
@@ -374,83 +245,20 @@ TABLE_COLUMNS = ("op", "mode", "dtype", "M x N", "provider", "ms", "p20-p80 ms",
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
-    def number(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    spread = "-" if row["ms"] is None else f"{row['ms_p20']:.4g}-{row['ms_p80']:.4g}"
-    status = "ok" if row["status"] == "ok" else f"WRONG: {row['error']}"
-    return [row["op"], row["mode"], row["dtype"], f"{row['M']}x{row['N']}", row["provider"], number(row["ms"], ".4g"),
-            spread, number(row["gbps"], ".1f"),
-            "-" if row["copy_fraction"] is None else f"{100 * row['copy_fraction']:.0f}%",
-            "-" if row["time_vs_torch"] is None else f"{row['time_vs_torch']:.2f}x",
-            number(row["peak_memory_mb"], ".1f"), status]
+    fmt = common.fmt
+    return [row["op"], row["mode"], row["dtype"], f"{row['M']}x{row['N']}", row["provider"], *common.time_cells(row),
+            fmt(row["gbps"], ".1f"), fmt(row["copy_fraction"], ".0%"), fmt(row["time_vs_torch"], ".2f", "x"),
+            fmt(row["peak_memory_mb"], ".1f"), common.status_cell(row)]
 
 
-def print_table(results: Sequence[dict[str, Any]], title: str) -> None:
-    """The results as a table on stdout: rich's when it is installed, else aligned plain text."""
-    cells = [_cells(row) for row in results]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(line[i]) for line in [list(TABLE_COLUMNS), *cells]) for i in range(len(TABLE_COLUMNS))]
-        print(title)
-        for line in [list(TABLE_COLUMNS), *cells]:
-            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
-        return
-    table = Table(title=title)
-    for column in TABLE_COLUMNS:
-        table.add_column(column, justify="left" if column in ("op", "mode", "dtype", "provider", "status") else "right")
-    for line in cells:
-        table.add_row(*line, style="bold red" if line[-1] != "ok" else None)
-    console = Console()
-    if not console.is_terminal:
-        # Piped or in CI, rich assumes 80 columns and would elide the figures; a log line may be long.
-        console.width = 240
-    console.print(table)
-
-
-def _draw(ax: Any, rows: Sequence[dict[str, Any]], copy_gbps: float, title: str) -> None:
-    # In the style of triton.testing.perf_report: GB/s against N, one line per provider.
-    for provider in dict.fromkeys(row["provider"] for row in rows):
-        points = sorted((row["N"], row["gbps"]) for row in rows if row["provider"] == provider and row["gbps"])
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=provider, color=PROVIDER_COLORS.get(provider))
-    ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1, label="copy")
-    cols = sorted({row["N"] for row in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(cols, [str(n) for n in cols])
-    ax.minorticks_off()
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("N")
-    ax.set_ylabel("GB/s")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-
-
-def plot(results: Sequence[dict[str, Any]], copy_gbps: float, out_dir: Path, device: str) -> list[Path]:
+def plot(results: Sequence[dict[str, Any]], copy_gbps: float, path: Path, device: str) -> list[Path]:
     """One PNG of GB/s against N with a panel per (op; mode, dtype); nothing, and an empty list, without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
     ops = list(dict.fromkeys(row["op"] for row in results))
-    panels = list(dict.fromkeys((row["mode"], row["dtype"]) for row in results))
-    fig, axes = plt.subplots(len(ops), len(panels), figsize=(5 * len(panels), 4 * len(ops)), squeeze=False)
-    for i, op in enumerate(ops):
-        for j, (mode, dtype) in enumerate(panels):
-            selected = [r for r in results if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)]
-            _draw(axes[i][j], selected, copy_gbps, f"{op} {mode} {dtype}, M={results[0]['M']}")
-    fig.suptitle(device)
-    fig.tight_layout()
-    path = out_dir / "bench_norms.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    columns = list(dict.fromkeys((row["mode"], row["dtype"]) for row in results))
+    panels = [[(f"{op} {mode} {dtype}, M={results[0]['M']}",
+                [r for r in results if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)])
+               for mode, dtype in columns] for op in ops]
+    return common.plot_panels(path, panels, "N", "gbps", "GB/s", ("copy", copy_gbps), PROVIDER_COLORS, device)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -459,32 +267,29 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"smoke grid: M={QUICK_GRID.rows}, N in {set(QUICK_GRID.cols)}, float32")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: the grid's (float32 on the CPU, "
-                        "bfloat16 and float32 on CUDA)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="write DIR/bench_norms.json and DIR/bench_norms.png")
-    parser.add_argument("--no-plot", action="store_true", help="with --out: write no bench_norms.png")
+    parser.add_argument("--dtypes", nargs="+", choices=list(common.DTYPES), help="default: the grid's (float32 on the "
+                        "CPU, bfloat16 and float32 on CUDA)")
+    common.add_output_arguments(parser, "bench_norms")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark the command line asks for; print the table, write --out; return the result rows."""
     args = _parse(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = common.default_device()
     on_cuda = device.type == "cuda"
     grid = QUICK_GRID if args.quick else CUDA_GRID if on_cuda else CPU_GRID
-    timer = cuda_timer if on_cuda else cpu_timer(budget_s=0.05 if args.quick else 0.2)
+    timer = common.timer_for(device, args.quick)
     # Large enough to stream from memory rather than cache: 1 GiB on a GPU, 128 MiB on the CPU.
-    copy_gbps = copy_bandwidth_gbps(device, timer, 2**30 if on_cuda else 2**27)
+    copy_gbps = common.copy_bandwidth_gbps(device, timer, 2**30 if on_cuda else 2**27)
     results = benchmark(args.ops, args.modes, args.dtypes or grid.dtypes, grid, device, timer, copy_gbps)
-    print_table(results, f"{device_name(device)}: copy ceiling {copy_gbps:.1f} GB/s")
+    common.print_table(TABLE_COLUMNS, [_cells(row) for row in results],
+                       f"{common.device_name(device)}: copy ceiling {copy_gbps:.1f} GB/s",
+                       left=("op", "mode", "dtype", "provider", "status"))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        report = {"meta": run_meta(device, copy_gbps), "results": results}
-        (args.out / "bench_norms.json").write_text(json.dumps(report, indent=2) + "\n")
-        written = [args.out / "bench_norms.json"]
-        if not args.no_plot:
-            written += plot(results, copy_gbps, args.out, device=report["meta"]["device"])
-        print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
+        meta = common.run_meta(device, copy_bandwidth_gbps=copy_gbps)
+        common.write_report(args.out, "bench_norms", meta, results,
+                            None if args.no_plot else lambda path: plot(results, copy_gbps, path, meta["device"]))
     return results
 
 

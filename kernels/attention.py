@@ -458,45 +458,60 @@ def _attn_bwd_dq_kernel(
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-# Launch configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages). On a GPU each kernel is autotuned over its
-# list, keyed on the head dims, causality, mask kind, dropout and (implicitly) the dtypes; configurations that
-# do not fit the head dim are pruned first. The interpreter runs one small configuration with distinct BLOCK_M
-# and BLOCK_N, so that small test shapes cross many blocks and every masking path.
-FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
-DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3), (16, 32, 4, 2)]
-DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+# Launch configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel and padded head dim (the larger of
+# BLOCK_D and BLOCK_DV: 64 or less, 128, 256). BLOCK_M counts query rows and BLOCK_N keys in every kernel. Each
+# list holds tiles that compile for sm_90 without register spills (bfloat16, causal; checked in CI by
+# tests/kernels/compile_for_gpu.py), largest first. On a GPU each kernel is autotuned over its list, keyed on the
+# head dims, causality, mask kind, dropout, packing and (implicitly) the dtypes. The interpreter runs one small
+# configuration with distinct BLOCK_M and BLOCK_N, so that small test shapes cross many blocks and every mask path.
+CONFIGS = {
+    "fwd": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+            128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+            256: [(32, 64, 8, 3), (64, 16, 8, 3), (32, 32, 8, 3), (32, 16, 4, 3)]},
+    "dkdv": {64: [(32, 128, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3)],
+             128: [(64, 32, 8, 3), (32, 32, 8, 3), (64, 16, 8, 3), (32, 16, 4, 3)],
+             256: [(32, 32, 8, 3), (32, 16, 4, 3)]},  # none is spill-free here: 56 and 40 bytes of stack
+    "dq": {64: [(128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+           128: [(64, 64, 8, 3), (32, 128, 8, 3), (64, 32, 8, 3), (32, 64, 4, 3)],
+           256: [(16, 32, 4, 3)]},
+}
 INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 DELTA_BLOCK_M = 64
 _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN"]
 
 
-def _register_budget(tile_rows: str, widths: tuple[str, ...]):
-    """A pruning rule: keep configurations whose float32 accumulators (`tile_rows` x the sum of `widths`) need at
-    most 128 registers per thread, so that large head dims do not spill; the smallest tile stays if none does."""
+def head_dim_class(block_d: int, block_dv: int) -> int:
+    """The key of CONFIGS for padded head dims `block_d` and `block_dv`."""
+    return max(64, block_d, block_dv)
+
+
+def _autotuned(name: str):
+    """Kernel `name` autotuned over the configurations of every head-dim class, pruned to the call's class."""
+    tables = CONFIGS[name]
+
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        width = sum(args[name] for name in widths)
-        fitting = [c for c in configs if c.kwargs[tile_rows] * width <= 128 * 32 * c.num_warps]
-        return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return prune
+        wanted = set(tables[head_dim_class(args["BLOCK_D"], args["BLOCK_DV"])])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
-
-def _autotuned(kernel, configs, tile_rows: str, widths: tuple[str, ...]):
+    configs = {config for table in tables.values() for config in table}
     return triton.autotune(
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
-        key=_TUNING_KEY, prune_configs_by={"early_config_prune": _register_budget(tile_rows, widths)},
-    )(kernel)
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sorted(configs)],
+        key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune},
+    )(_PLAIN[name])
 
 
-_TUNED = {"fwd": _autotuned(_attn_fwd_kernel, FWD_CONFIGS, "BLOCK_M", ("BLOCK_DV",)),
-          "dkdv": _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, "BLOCK_N", ("BLOCK_D", "BLOCK_DV")),
-          "dq": _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS, "BLOCK_M", ("BLOCK_D",))}
 _PLAIN = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_TUNED = {name: _autotuned(name) for name in _PLAIN}
+
+
+def _use_autotuner(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 def _launch(name: str, device: torch.device, grid_rows: int, grid_rest: tuple[int, int], *args, **constexprs):
     """Launch kernel `name` over (blocks of `grid_rows` rows, *grid_rest): autotuned on a GPU, fixed otherwise."""
-    if device.type == "cuda":
+    if _use_autotuner(device):
         def grid(meta):
             return (triton.cdiv(grid_rows, meta["BLOCK_M" if name != "dkdv" else "BLOCK_N"]), *grid_rest)
 

@@ -18,4 +18,5 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 status=0
 python3 -m pytest -q -ra tests 2>&1 | tee "$out/tests.log" || status=1
 python3 -m benchmarks.bench_norms --out "$out" 2>&1 | tee "$out/bench_norms.log" || status=1
+python3 -m benchmarks.bench_attention --out "$out" 2>&1 | tee "$out/bench_attention.log" || status=1
 exit $status

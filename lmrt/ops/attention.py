@@ -191,7 +191,8 @@ def _(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_se
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p, seed, causal, bottom_right, scale, _ = inputs
+    q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k = inputs[:6]
+    max_q, max_k, dropout_p, seed, causal, bottom_right, scale = inputs[6:13]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seed)
     ctx.settings = (max_q, max_k, dropout_p, causal, bottom_right, scale)

@@ -24,8 +24,8 @@ from tests.tolerance import check_against_torch, check_compiled_matches_eager
 # key lengths that differ both ways, head dims that are no power of two, grouped- and multi-query heads.
 SHAPES = [(1, 1, 1, 1, 1, 16), (2, 2, 2, 17, 203, 40), (1, 2, 1, 113, 17, 59), (1, 4, 2, 37, 37, 80),
           (1, 1, 1, 33, 70, 96), (1, 3, 3, 21, 45, 111), (1, 2, 2, 19, 30, 160), (1, 1, 1, 24, 40, 256)]
-GPU_SHAPES = [(2, 4, 4, 1023, 1024, 64), (1, 8, 2, 1024, 1023, 128), (2, 4, 1, 113, 2048, 80), (1, 2, 2, 2049, 512, 256),
-              (4, 6, 3, 257, 257, 59), (1, 4, 4, 4096, 4096, 128)]
+GPU_SHAPES = [(2, 4, 4, 1023, 1024, 64), (1, 8, 2, 1024, 1023, 128), (2, 4, 1, 113, 2048, 80),
+              (1, 2, 2, 2049, 512, 256), (4, 6, 3, 257, 257, 59), (1, 4, 4, 4096, 4096, 128)]
 
 
 def attention_in_dtype(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, bottom_right=False,
@@ -334,8 +334,8 @@ def test_opcheck(backend):
             out, lse = torch.ops.lmrt.attention_fwd(*args)
             mask_grad = args[3] is not None
             plain = [a.detach() if torch.is_tensor(a) else a for a in args]
-            torch.library.opcheck(torch.ops.lmrt.attention_bwd.default,
-                                  (torch.randn_like(out), *plain[:3], out.detach(), lse.detach(), *plain[3:13], mask_grad))
+            bwd_args = (torch.randn_like(out), *plain[:3], out.detach(), lse.detach(), *plain[3:13], mask_grad)
+            torch.library.opcheck(torch.ops.lmrt.attention_bwd.default, bwd_args)
 
 
 def test_compiles_without_graph_breaks():

@@ -1,0 +1,305 @@
+"""What every benchmark shares: the timers, the device's ceilings, the check against the float64 reference, peak
+memory, the run's metadata, and the table, plot and JSON a run writes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Allowed error: |result - exact| <= tol * max|exact| + tol * |exact|. Scaling the absolute part by the exact
+# result's largest magnitude makes one figure serve results of order 1 (norms) and of order 1/N (softmax).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+# (fn, tensors whose .grad is reset before every call) -> (median, 20th percentile, 80th percentile) in ms.
+Timer = Callable[[Callable[[], object], Sequence[Tensor]], tuple[float, float, float]]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def reset_grads(leaves: Sequence[Tensor]) -> None:
+    for leaf in leaves:
+        leaf.grad = None
+
+
+def cuda_timer(warmup_ms: float, rep_ms: float) -> Timer:
+    """A Timer that is triton.testing.do_bench: about `warmup_ms` of warm-up calls, then about `rep_ms` of timed
+    calls (at least one), L2 flushed before each."""
+
+    def bench(fn: Callable[[], object], grad_to_none: Sequence[Tensor]) -> tuple[float, float, float]:
+        from triton.testing import do_bench  # triton is imported on CUDA only; the CPU runs never need it
+
+        median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none),
+                                    quantiles=[0.5, 0.2, 0.8])
+        return median, p20, p80
+
+    return bench
+
+
+def cpu_timer(budget_s: float, warmup: int = 2, min_reps: int = 5, max_reps: int = 1000) -> Timer:
+    """A Timer that times calls one by one with perf_counter for about `budget_s` seconds, at least `min_reps`."""
+
+    def bench(fn: Callable[[], object], grad_to_none: Sequence[Tensor]) -> tuple[float, float, float]:
+        for _ in range(warmup):
+            reset_grads(grad_to_none)
+            fn()
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < deadline):
+            reset_grads(grad_to_none)
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        levels = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+        median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(levels).tolist()
+        return median, p20, p80
+
+    return bench
+
+
+def timer_for(device: torch.device, quick: bool, cuda_rep_ms: float = 100) -> Timer:
+    """On CUDA do_bench with `cuda_rep_ms` of timed calls after a quarter of that of warm-up (its defaults: 100 and
+    25); on the CPU a perf_counter loop of about 0.2 s per measurement (0.05 s for --quick)."""
+    if device.type == "cuda":
+        return cuda_timer(warmup_ms=cuda_rep_ms / 4, rep_ms=cuda_rep_ms)
+    return cpu_timer(budget_s=0.05 if quick else 0.2)
+
+
+def copy_bandwidth_gbps(device: torch.device, timer: Timer, nbytes: int) -> float:
+    """The device's copy ceiling: GB/s of copying `nbytes` between two buffers on it (bytes read + written)."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    median, _, _ = timer(lambda: dst.copy_(src), [])
+    return 2 * nbytes / (median * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, timer: Timer, n: int, dtype: torch.dtype) -> float:
+    """The device's compute ceiling: TFLOP/s of an (n, n) @ (n, n) product in `dtype` (2 * n^3 FLOPs)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator, device=device).to(dtype) for _ in range(2))
+    median, _, _ = timer(lambda: a @ b, [])
+    return 2 * n**3 / (median * 1e-3) / 1e12
+
+
+def compile_for_timing(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """torch.compile(fn, **options), with a backward that may run again with retain_graph=True as the timed
+    backward does. Donated buffers (on by default) let a compiled backward reuse its saved tensors' memory,
+    which forbids that; turning them off, process-wide, costs the compiled backward a little memory."""
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    return torch.compile(fn, **options)
+
+
+def raised(error: BaseException) -> str:
+    """`error` in one line of a report: its type and the first line of its message."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"raised {type(error).__name__}: {first_line[:300]}"
+
+
+def compare(
+    names: Sequence[str], results: Sequence[Tensor | None], exact: Sequence[Tensor], dtype: torch.dtype,
+) -> str | None:
+    """None when every result has `dtype` and is within TOLERANCE[dtype] of the exact one, else what is wrong with
+    the first bad one, by its name in `names`."""
+    tol = TOLERANCE[dtype]
+    for name, result, expected in zip(names[: len(results)], results, exact, strict=True):
+        if result is None:
+            return f"{name}: missing"
+        if result.shape != expected.shape or result.dtype != dtype:
+            return f"{name}: {result.dtype} {list(result.shape)}, expected {dtype} {list(expected.shape)}"
+        error = (result.double() - expected).abs()
+        bound = tol * expected.abs().max() + tol * expected.abs()
+        outside = ~(error <= bound)  # NaN counts as outside
+        if outside.any():
+            worst = error.nan_to_num(float("inf")).max().item()
+            return (f"{name}: {int(outside.sum())} of {error.numel()} elements off by more than {tol:g} x (max|exact| "
+                    f"+ |exact|); max error {worst:.3g}, max|exact| {expected.abs().max().item():.3g}")
+    return None
+
+
+def peak_memory_mb(fn: Callable[[], object], leaves: Sequence[Tensor], device: torch.device) -> float | None:
+    """MiB one call of `fn` allocates at its peak beyond what was allocated before it; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    reset_grads(leaves)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    reset_grads(leaves)
+    return peak / 2**20
+
+
+def time_call(fn: Callable[[], object], leaves: Sequence[Tensor], timer: Timer, device: torch.device) -> dict[str, Any]:
+    """The timing columns of a result row: `fn` timed with `timer` (the leaves' gradients reset before every call),
+    and its peak memory."""
+    median, p20, p80 = timer(fn, leaves)
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_memory_mb": peak_memory_mb(fn, leaves, device)}
+
+
+def set_time_ratio(rows: Sequence[dict[str, Any]], column: str, baselines: Collection[str]) -> None:
+    """Set `column` of each timed row to its time over the fastest time of the providers named in `baselines`."""
+    fastest = min((row["ms"] for row in rows if row["provider"] in baselines and row["ms"]), default=None)
+    for row in rows:
+        if row["ms"] is not None and fastest is not None:
+            row[column] = row["ms"] / fastest
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _triton_version() -> str | None:
+    # Read from the installed distribution, so that CPU runs need not import triton.
+    for distribution in ("triton", "pytorch-triton"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def run_meta(device: torch.device, **ceilings: Any) -> dict[str, Any]:
+    """The run's device, versions, date and commit, and the ceilings it measured."""
+    return {
+        "device": device_name(device), "device_type": device.type, "torch_version": torch.__version__,
+        "triton_version": _triton_version(), "python_version": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(), **ceilings,
+    }
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """A table cell: `value` formatted with `spec`, or "-" for a figure a row does not have."""
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def time_cells(row: dict[str, Any]) -> list[str]:
+    """The "ms" and "p20-p80 ms" cells of a result row."""
+    spread = "-" if row["ms"] is None else f"{row['ms_p20']:.4g}-{row['ms_p80']:.4g}"
+    return [fmt(row["ms"], ".4g"), spread]
+
+
+def status_cell(row: dict[str, Any]) -> str:
+    return "ok" if row["status"] == "ok" else f"{row['status']}: {row['error']}"
+
+
+def print_table(columns: Sequence[str], cells: Sequence[Sequence[str]], title: str, left: Collection[str]) -> None:
+    """Rows of `cells` under `columns` on stdout, the columns named in `left` left-aligned: rich's table when rich is
+    installed, else aligned plain text. The last cell of a row is its status; rich highlights those not "ok"."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(line[i]) for line in [columns, *cells]) for i in range(len(columns))]
+        print(title)
+        for line in [columns, *cells]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column in left else "right")
+    for line in cells:
+        status = line[-1]
+        table.add_row(*line, style=None if status == "ok" else "bold red" if status.startswith("WRONG") else "yellow")
+    console = Console()
+    if not console.is_terminal:
+        # Piped or in CI, rich assumes 80 columns and would elide the figures; a log line may be long.
+        console.width = 240
+    console.print(table)
+
+
+def _draw(ax: Any, rows: Sequence[dict[str, Any]], x: str, y: str, ylabel: str, ceiling: tuple[str, float],
+          colors: Mapping[str, str], title: str) -> None:
+    # In the style of triton.testing.perf_report: `y` against `x`, one line per provider.
+    for provider in dict.fromkeys(row["provider"] for row in rows):
+        points = sorted((row[x], row[y]) for row in rows if row["provider"] == provider and row[y])
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=provider, color=colors.get(provider))
+    ax.axhline(ceiling[1], color="black", linestyle="--", linewidth=1, label=ceiling[0])
+    ticks = sorted({row[x] for row in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(tick) for tick in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_panels(
+    path: Path, panels: Sequence[Sequence[tuple[str, Sequence[dict[str, Any]]]]], x: str, y: str, ylabel: str,
+    ceiling: tuple[str, float], colors: Mapping[str, str], title: str,
+) -> list[Path]:
+    """One PNG at `path` of a grid of panels, each (title, result rows): row[y] against row[x] on a log2 axis, one
+    line per provider, and the ceiling (label, value) dashed. Nothing, and an empty list, without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    n_rows, n_cols = len(panels), max(len(line) for line in panels)
+    # Constrained layout leaves room for the suptitle, which tight_layout would draw over the top panels.
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 4 * n_rows), squeeze=False, layout="constrained")
+    for i, line in enumerate(panels):
+        for j, (panel_title, rows) in enumerate(line):
+            _draw(axes[i][j], rows, x, y, ylabel, ceiling, colors, panel_title)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--out", type=Path, metavar="DIR", help=f"write DIR/{name}.json and DIR/{name}.png")
+    parser.add_argument("--no-plot", action="store_true", help=f"with --out: write no {name}.png")
+
+
+def write_report(
+    out: Path, name: str, meta: dict[str, Any], results: Sequence[dict[str, Any]],
+    plot: Callable[[Path], list[Path]] | None,
+) -> None:
+    """OUT/NAME.json with `meta` and `results`, and OUT/NAME.png from `plot` (given that path) unless it is None."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / f"{name}.json"
+    report.write_text(json.dumps({"meta": meta, "results": list(results)}, indent=2) + "\n")
+    written = [report] + ([] if plot is None else plot(out / f"{name}.png"))
+    print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
