@@ -434,3 +434,22 @@ def test_no_warning_on_the_default_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lmrt.ops.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_dropout_matches_reference_with_the_same_mask(backend):
+    lengths_q, lengths_k = [7, 1, 30], [12, 19, 4]
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 4, 2, 32, torch.float32)
+    packed, p = (cu_q, cu_k, max(lengths_q), max(lengths_k)), 0.25
+    torch.manual_seed(99)
+    keep = reference.dropout_keep_mask(int(draw_seed(torch.device(DEVICE), p).item()), (3, 4, 30, 19), p, DEVICE)
+
+    def lmrt_fn(q, k, v):
+        torch.manual_seed(99)
+        return lmrt.ops.flash_attn_varlen_func(q, k, v, *packed, dropout_p=p, causal=True)
+
+    def exact_fn(q, k, v):
+        return reference.flash_attn_varlen_func(q, k, v, *packed, dropout_p=p, causal=True, dropout_mask=keep)
+
+    with lmrt.backend(backend):
+        check_against_torch(lmrt_fn, exact_fn, exact_fn, [q, k, v], torch.randn_like(q), ["q", "k", "v"])
