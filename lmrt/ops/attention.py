@@ -129,6 +129,14 @@ def _backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str:
     return pick_backend("attention", q.device, dtypes, limits)
 
 
+def _grad_like(t: Tensor) -> Tensor:
+    """An empty gradient for `t`, laid out as the kernels write it: `t`'s strides when its last dim has unit
+    stride (and it is dense), else contiguous."""
+    if t.stride(-1) == 1 or t.shape[-1] <= 1:
+        return torch.empty_like(t)
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _output_layout(out: Tensor, heads_first: bool) -> Tensor:
     """`out` (batch, heads, rows, dim) stored heads-first, or rows-first and viewed heads-first."""
     if heads_first:
@@ -177,7 +185,7 @@ def attention_bwd(
         dq, dk, dv, dmask = triton_attention_bwd(grad_out, *args, mask_grad)
     else:
         grads = reference.attention_bwd(grad_out, *args)
-        dq, dk, dv = (torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3], strict=True))
+        dq, dk, dv = (_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3], strict=True))
         dmask = grads[3] if mask_grad else None
     return dq, dk, dv, (dmask if mask_grad else q.new_empty(0, dtype=torch.float32))
 
@@ -186,8 +194,7 @@ def attention_bwd(
 def _(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
       seed, causal, bottom_right, scale, mask_grad):
     dmask_shape = (*q.shape[:3], k.shape[2]) if mask_grad else (0,)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(dmask_shape, dtype=torch.float32))
+    return _grad_like(q), _grad_like(k), _grad_like(v), q.new_empty(dmask_shape, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):

@@ -357,6 +357,8 @@ def test_compiles_without_graph_breaks():
         return lmrt.ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 8, causal=True).sin().sum()
 
     check_compiled_matches_eager(varlen_step, (q, k, v))
+    q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in _qkv(1, 2, 2, 9, 9, 16, torch.float32))
+    check_compiled_matches_eager(lambda q, k, v: lmrt.ops.scaled_dot_product_attention(q, k, v).sum(), (q, k, v))
 
 
 class TestBadInput:
