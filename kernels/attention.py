@@ -600,9 +600,12 @@ def attention_bwd(
     max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, seed: torch.Tensor | None, causal: bool,
     bottom_right: bool, scale: float, mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dq, dk, dv, d attn_mask) of `attention_fwd`, the arguments as there; dq, dk, dv take the strides of
-    q, k, v when those are dense with a unit last stride, else they are contiguous. With `mask_grad`, the float32 (batch, Hq, Lq, Lk) gradient of an additive mask
-    (before any reduction over its broadcast dims); otherwise None."""
+    """(dq, dk, dv, d attn_mask) of `attention_fwd`, the arguments as there.
+
+    dq, dk, dv take the strides of q, k, v when those are dense with a unit last stride, else they are contiguous.
+    With `mask_grad`, the float32 (batch, Hq, Lq, Lk) gradient of an additive mask (before any reduction over its
+    broadcast dims); otherwise None.
+    """
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     dout, out = _unit_last_stride(dout), _unit_last_stride(out)
     batch, n_heads, rows, head_dim = q.shape
