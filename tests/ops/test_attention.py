@@ -87,6 +87,12 @@ def test_sdpa_matches_reference(shape, dtype, causal, backend):
     _check_sdpa(backend, *_qkv(*shape, dtype), is_causal=causal)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sdpa_1023_queries_against_1024_keys(causal):
+    """Lengths one short of a block multiple, on every device (about 20 s each on the interpreter)."""
+    _check_sdpa("triton", *_qkv(1, 1, 1, 1023, 1024, 64, torch.float16), is_causal=causal)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
