@@ -461,3 +461,17 @@ def test_packed_dropout_matches_reference_with_the_same_mask(backend):
 
     with lmrt.backend(backend):
         check_against_torch(lmrt_fn, exact_fn, exact_fn, [q, k, v], torch.randn_like(q), ["q", "k", "v"])
+
+
+def test_dropout_under_compile_is_reproducible():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 33, 33, 16, torch.float32))
+    step = torch.compile(lambda q, k, v: lmrt.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3).sum(),
+                         fullgraph=True)
+    losses = []
+    with lmrt.backend("triton"):
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            loss = step(q, k, v)
+            loss.backward()
+            losses.append(loss.item())
+    assert losses[0] == losses[1] != losses[2]
