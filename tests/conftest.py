@@ -5,6 +5,9 @@ import os
 # Must be set before anything imports triton. Without a GPU, Triton kernels run on CPU tensors through the
 # interpreter; TRITON_INTERPRET=0 in the environment forces compiled kernels on a GPU machine.
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.path.exists("/dev/nvidiactl") else "1")
+# On a GPU the attention kernels would autotune every one of the hundreds of variants the tests launch; the tests
+# take each table's first configuration instead (tests/kernels/test_attention_launch.py covers the autotuner).
+os.environ.setdefault("LMRT_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
