@@ -74,6 +74,22 @@ def _causal_shift(q_len, k_len, BOTTOM_RIGHT: tl.constexpr):
 
 
 @triton.jit
+def _head_base(ptr, seq64, head64, stride_b, stride_h, ENABLED: tl.constexpr):
+    """`ptr` advanced to (sequence, head), or `ptr` itself (None, say) for an optional tensor that is absent."""
+    if ENABLED:
+        return ptr + seq64 * stride_b + head64 * stride_h
+    return ptr
+
+
+@triton.jit
+def _dropout_state(seed_ptr, seq64, head64, n_heads, seqlen_q, seqlen_k, DROPOUT: tl.constexpr):
+    """(seed, first Philox offset) of one (sequence, head): its (seqlen_q, seqlen_k) block of the flat index."""
+    if DROPOUT:
+        return tl.load(seed_ptr), (seq64 * n_heads + head64) * seqlen_q * seqlen_k
+    return 0, 0
+
+
+@triton.jit
 def _key_spans(m0, q_len, k_len, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For query rows [m0, m0 + BLOCK_M): keys [0, full_end) need no mask, keys [full_end, end) need one."""
     if CAUSAL:
@@ -173,16 +189,8 @@ def _attn_fwd_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     k_base = k_ptr + seq64 * stride_kb + kv_head64 * stride_kh + k_start * stride_kn
     v_base = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + k_start * stride_vn
-    if MASK_KIND != 0:
-        mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
-    else:
-        mask_base = mask_ptr
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-        rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
-    else:
-        seed = 0
-        rng_base = 0
+    mask_base = _head_base(mask_ptr, seq64, head64, stride_mb, stride_mh, MASK_KIND != 0)
+    seed, rng_base = _dropout_state(seed_ptr, seq64, head64, n_heads, seqlen_q, seqlen_k, DROPOUT)
 
     shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
     full_end, end = _key_spans(m0, q_len, k_len, shift, CAUSAL, BLOCK_M, BLOCK_N)
@@ -302,10 +310,6 @@ def _attn_bwd_dkdv_kernel(
     k = tl.load(k_rows + offs_d[None, :], mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     v_rows = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + (k_start + cols[:, None]) * stride_vn
     v = tl.load(v_rows + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
 
     shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
     # Query blocks [m_lo, m_full) cross the causal diagonal, [m_full, q_even) see every key of this block, and
@@ -326,14 +330,8 @@ def _attn_bwd_dkdv_kernel(
         do_base = dout_ptr + seq64 * stride_dob + head64 * stride_doh + q_start * stride_dom
         lse_base = lse_ptr + seq64 * stride_lb + head64 * stride_lh + q_start
         delta_base = delta_ptr + seq64 * stride_lb + head64 * stride_lh + q_start
-        if MASK_KIND != 0:
-            mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
-        else:
-            mask_base = mask_ptr
-        if DROPOUT:
-            rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
-        else:
-            rng_base = 0
+        mask_base = _head_base(mask_ptr, seq64, head64, stride_mb, stride_mh, MASK_KIND != 0)
+        seed, rng_base = _dropout_state(seed_ptr, seq64, head64, n_heads, seqlen_q, seqlen_k, DROPOUT)
         for start_m in range(m_lo, tl.minimum(m_full, q_end), BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_base, lse_base,
                                 delta_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len,
@@ -425,20 +423,9 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
     k_base = k_ptr + seq64 * stride_kb + kv_head64 * stride_kh + k_start * stride_kn
     v_base = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + k_start * stride_vn
-    if MASK_KIND != 0:
-        mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
-    else:
-        mask_base = mask_ptr
-    if STORE_DMASK:
-        dmask_base = dmask_ptr + seq64 * stride_dmb + head64 * stride_dmh
-    else:
-        dmask_base = dmask_ptr
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-        rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
-    else:
-        seed = 0
-        rng_base = 0
+    mask_base = _head_base(mask_ptr, seq64, head64, stride_mb, stride_mh, MASK_KIND != 0)
+    dmask_base = _head_base(dmask_ptr, seq64, head64, stride_dmb, stride_dmh, STORE_DMASK)
+    seed, rng_base = _dropout_state(seed_ptr, seq64, head64, n_heads, seqlen_q, seqlen_k, DROPOUT)
 
     shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
     full_end, end = _key_spans(m0, q_len, k_len, shift, CAUSAL, BLOCK_M, BLOCK_N)
@@ -517,20 +504,18 @@ def _use_autotuner(device: torch.device) -> bool:
 def _launch(name: str, device: torch.device, grid_rows: int, grid_rest: tuple[int, int], *args, **constexprs):
     """Launch kernel `name` over (blocks of `grid_rows` rows, *grid_rest): autotuned on a GPU; else the first
     configuration of its table on a GPU, or the interpreter's configuration."""
+    row_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"  # the dK/dV kernel's programs own blocks of keys
     if _use_autotuner(device):
-        def grid(meta):
-            return (triton.cdiv(grid_rows, meta["BLOCK_M" if name != "dkdv" else "BLOCK_N"]), *grid_rest)
-
-        _TUNED[name][grid](*args, **constexprs)
+        _TUNED[name][lambda meta: (triton.cdiv(grid_rows, meta[row_block]), *grid_rest)](*args, **constexprs)
         return
     if device.type == "cuda":
         config = CONFIGS[name][head_dim_class(constexprs["BLOCK_D"], constexprs["BLOCK_DV"])][0]
     else:
         config = INTERPRETER_CONFIGS[name]
     block_m, block_n, num_warps, num_stages = config
-    grid = (triton.cdiv(grid_rows, block_m if name != "dkdv" else block_n), *grid_rest)
-    _PLAIN[name][grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-                       num_stages=num_stages)
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    grid = (triton.cdiv(grid_rows, blocks[row_block]), *grid_rest)
+    _PLAIN[name][grid](*args, **constexprs, **blocks, num_warps=num_warps, num_stages=num_stages)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -554,7 +539,7 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def _mask_args(attn_mask: torch.Tensor | None, device: torch.device):
+def _mask_args(attn_mask: torch.Tensor | None):
     """(kernel tensor, four strides, MASK_KIND) of an (batch, heads, Lq, Lk) view of a boolean or float mask."""
     if attn_mask is None:
         return None, (0, 0, 0, 0), NO_MASK
@@ -587,9 +572,9 @@ def attention_fwd(
     out = out if heads_first_out else out.transpose(1, 2)
     lse = torch.full((batch, n_heads, rows), math.inf, dtype=torch.float32, device=q.device)
     n_seqs = cu_seqlens_q.numel() - 1 if varlen else batch
-    if out.numel() == 0 and lse.numel() == 0 or n_seqs == 0:
+    if lse.numel() == 0 or n_seqs == 0:
         return out, lse
-    mask, mask_strides, mask_kind = _mask_args(attn_mask, q.device)
+    mask, mask_strides, mask_kind = _mask_args(attn_mask)
     precision, upcast = _precision(q.dtype, q.device)
     _launch(
         "fwd", q.device, max_seqlen_q, (n_heads, n_seqs),
@@ -635,7 +620,7 @@ def attention_bwd(
             max_seqlen_q, HEAD_DIM_V=head_dim_v, VARLEN=varlen, BLOCK_M=DELTA_BLOCK_M,
             BLOCK_DV=_block_dim(head_dim_v),
         )
-    mask, mask_strides, mask_kind = _mask_args(attn_mask, q.device)
+    mask, mask_strides, mask_kind = _mask_args(attn_mask)
     precision, upcast = _precision(q.dtype, q.device)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, CAUSAL=causal, BOTTOM_RIGHT=bottom_right,
                   MASK_KIND=mask_kind, VARLEN=varlen, DROPOUT=dropout_p > 0, PRECISION=precision,

@@ -186,7 +186,7 @@ def attention_bwd(
     else:
         grads = reference.attention_bwd(grad_out, *args)
         dq, dk, dv = (_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3], strict=True))
-        dmask = grads[3] if mask_grad else None
+        dmask = grads[3]
     return dq, dk, dv, (dmask if mask_grad else q.new_empty(0, dtype=torch.float32))
 
 

@@ -205,13 +205,16 @@ def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
         torch.manual_seed(1234)  # the op draws the same seed
         return lmrt.ops.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
 
-    def with_mask(fn):
-        return lambda q, k, v: fn(q, k, v, None, p, True, dropout_mask=keep) if fn is attention_in_dtype else \
-            fn(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True, dropout_mask=keep)
+    def torch_fn(q, k, v):
+        return attention_in_dtype(q, k, v, dropout_p=p, is_causal=True, dropout_mask=keep)
+
+    def exact_fn(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True,
+                                                      dropout_mask=keep)
 
     with lmrt.backend(backend):
-        check_against_torch(lmrt_fn, with_mask(attention_in_dtype), with_mask(reference.scaled_dot_product_attention),
-                            [q, k, v], torch.randn_like(q), ["query", "key", "value"], grad_factor=3.0)
+        check_against_torch(lmrt_fn, torch_fn, exact_fn, [q, k, v], torch.randn_like(q), ["query", "key", "value"],
+                            grad_factor=3.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
