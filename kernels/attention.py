@@ -74,22 +74,6 @@ def _causal_shift(q_len, k_len, BOTTOM_RIGHT: tl.constexpr):
 
 
 @triton.jit
-def _head_base(ptr, seq64, head64, stride_b, stride_h, ENABLED: tl.constexpr):
-    """`ptr` advanced to (sequence, head), or `ptr` itself (None, say) for an optional tensor that is absent."""
-    if ENABLED:
-        return ptr + seq64 * stride_b + head64 * stride_h
-    return ptr
-
-
-@triton.jit
-def _dropout_state(seed_ptr, seq64, head64, n_heads, seqlen_q, seqlen_k, DROPOUT: tl.constexpr):
-    """(seed, first Philox offset) of one (sequence, head): its (seqlen_q, seqlen_k) block of the flat index."""
-    if DROPOUT:
-        return tl.load(seed_ptr), (seq64 * n_heads + head64) * seqlen_q * seqlen_k
-    return 0, 0
-
-
-@triton.jit
 def _key_spans(m0, q_len, k_len, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For query rows [m0, m0 + BLOCK_M): keys [0, full_end) need no mask, keys [full_end, end) need one."""
     if CAUSAL:
@@ -189,8 +173,16 @@ def _attn_fwd_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     k_base = k_ptr + seq64 * stride_kb + kv_head64 * stride_kh + k_start * stride_kn
     v_base = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + k_start * stride_vn
-    mask_base = _head_base(mask_ptr, seq64, head64, stride_mb, stride_mh, MASK_KIND != 0)
-    seed, rng_base = _dropout_state(seed_ptr, seq64, head64, n_heads, seqlen_q, seqlen_k, DROPOUT)
+    if MASK_KIND != 0:
+        mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
+    else:
+        mask_base = mask_ptr
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
+    else:
+        seed = 0
+        rng_base = 0
 
     shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
     full_end, end = _key_spans(m0, q_len, k_len, shift, CAUSAL, BLOCK_M, BLOCK_N)
@@ -310,6 +302,10 @@ def _attn_bwd_dkdv_kernel(
     k = tl.load(k_rows + offs_d[None, :], mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     v_rows = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + (k_start + cols[:, None]) * stride_vn
     v = tl.load(v_rows + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
 
     shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
     # Query blocks [m_lo, m_full) cross the causal diagonal, [m_full, q_even) see every key of this block, and
@@ -330,8 +326,14 @@ def _attn_bwd_dkdv_kernel(
         do_base = dout_ptr + seq64 * stride_dob + head64 * stride_doh + q_start * stride_dom
         lse_base = lse_ptr + seq64 * stride_lb + head64 * stride_lh + q_start
         delta_base = delta_ptr + seq64 * stride_lb + head64 * stride_lh + q_start
-        mask_base = _head_base(mask_ptr, seq64, head64, stride_mb, stride_mh, MASK_KIND != 0)
-        seed, rng_base = _dropout_state(seed_ptr, seq64, head64, n_heads, seqlen_q, seqlen_k, DROPOUT)
+        if MASK_KIND != 0:
+            mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
+        else:
+            mask_base = mask_ptr
+        if DROPOUT:
+            rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
+        else:
+            rng_base = 0
         for start_m in range(m_lo, tl.minimum(m_full, q_end), BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_base, lse_base,
                                 delta_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len,
@@ -423,9 +425,20 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
     k_base = k_ptr + seq64 * stride_kb + kv_head64 * stride_kh + k_start * stride_kn
     v_base = v_ptr + seq64 * stride_vb + kv_head64 * stride_vh + k_start * stride_vn
-    mask_base = _head_base(mask_ptr, seq64, head64, stride_mb, stride_mh, MASK_KIND != 0)
-    dmask_base = _head_base(dmask_ptr, seq64, head64, stride_dmb, stride_dmh, STORE_DMASK)
-    seed, rng_base = _dropout_state(seed_ptr, seq64, head64, n_heads, seqlen_q, seqlen_k, DROPOUT)
+    if MASK_KIND != 0:
+        mask_base = mask_ptr + seq64 * stride_mb + head64 * stride_mh
+    else:
+        mask_base = mask_ptr
+    if STORE_DMASK:
+        dmask_base = dmask_ptr + seq64 * stride_dmb + head64 * stride_dmh
+    else:
+        dmask_base = dmask_ptr
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        rng_base = (seq64 * n_heads + head64) * seqlen_q * seqlen_k
+    else:
+        seed = 0
+        rng_base = 0
 
     shift = _causal_shift(q_len, k_len, BOTTOM_RIGHT)
     full_end, end = _key_spans(m0, q_len, k_len, shift, CAUSAL, BLOCK_M, BLOCK_N)
