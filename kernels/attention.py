@@ -40,6 +40,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -465,8 +466,10 @@ def _attn_bwd_dq_kernel(
 # 3.9, read from the cubins' stack frames (benchmarks/attention_notes.md); CI checks the first of each list with
 # its triton (tests/kernels/compile_for_gpu.py). On a GPU each kernel is autotuned over its list, keyed on the
 # head dims, causality, mask kind, dropout, packing and (implicitly) the dtypes; with LMRT_AUTOTUNE=0 it takes the
-# first. The interpreter runs one small configuration with distinct BLOCK_M and BLOCK_N, so that small test
-# shapes cross many blocks and every mask path.
+# first that fits the GPU's shared memory. The tables are sized for 16-bit inputs: float32 doubles every tile's
+# shared memory and can outgrow them all (at head dim 256, or on GPUs with less shared memory than sm_90), so
+# SMALL_CONFIGS, one small single-stage tile per kernel, closes every list for float32. The interpreter runs those
+# same small tiles, whose distinct BLOCK_M and BLOCK_N make small test shapes cross many blocks and every mask path.
 CONFIGS = {
     "fwd": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
             128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
@@ -479,7 +482,7 @@ CONFIGS = {
            128: [(32, 128, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3)],
            256: [(16, 32, 4, 3)]},
 }
-INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+SMALL_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 DELTA_BLOCK_M = 64
 _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN"]
 
@@ -489,16 +492,22 @@ def head_dim_class(block_d: int, block_dv: int) -> int:
     return max(64, block_d, block_dv)
 
 
+def _candidates(name: str, block_d: int, block_dv: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The configurations kernel `name` may take for padded head dims `block_d`, `block_dv` and inputs of `dtype`."""
+    table = CONFIGS[name][head_dim_class(block_d, block_dv)]
+    return table + [SMALL_CONFIGS[name]] if dtype.itemsize > 2 else table
+
+
 def _autotuned(name: str):
     """Kernel `name` autotuned over the configurations of every head-dim class, pruned to the call's class."""
     tables = CONFIGS[name]
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = set(tables[head_dim_class(args["BLOCK_D"], args["BLOCK_DV"])])
+        wanted = set(_candidates(name, args["BLOCK_D"], args["BLOCK_DV"], args["q_ptr"].dtype))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
-    configs = {config for table in tables.values() for config in table}
+    configs = {config for table in tables.values() for config in table} | {SMALL_CONFIGS[name]}
     return triton.autotune(
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sorted(configs)],
         key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune},
@@ -509,26 +518,41 @@ _PLAIN = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bw
 _TUNED = {name: _autotuned(name) for name in _PLAIN}
 
 
+# Without the autotuner: the configuration each launch variant took, the first of its list that fit the GPU.
+_FITTING: dict[tuple, tuple[int, int, int, int]] = {}
+
+
 def _use_autotuner(device: torch.device) -> bool:
     """Autotune on a GPU unless LMRT_AUTOTUNE=0 (the test suite sets it: it launches hundreds of variants once)."""
     return device.type == "cuda" and os.environ.get("LMRT_AUTOTUNE", "1") != "0"
 
 
 def _launch(name: str, device: torch.device, grid_rows: int, grid_rest: tuple[int, int], *args, **constexprs):
-    """Launch kernel `name` over (blocks of `grid_rows` rows, *grid_rest): autotuned on a GPU; else the first
-    configuration of its table on a GPU, or the interpreter's configuration."""
+    """Launch kernel `name` over (blocks of `grid_rows` rows, *grid_rest): autotuned on a GPU; else, on a GPU, the
+    first configuration of its list that fits the GPU's shared memory, or the interpreter's small one."""
     row_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"  # the dK/dV kernel's programs own blocks of keys
     if _use_autotuner(device):
         _TUNED[name][lambda meta: (triton.cdiv(grid_rows, meta[row_block]), *grid_rest)](*args, **constexprs)
         return
-    if device.type == "cuda":
-        config = CONFIGS[name][head_dim_class(constexprs["BLOCK_D"], constexprs["BLOCK_DV"])][0]
+    key = (name, device, args[0].dtype, *constexprs.items())
+    if device.type != "cuda":
+        candidates = [SMALL_CONFIGS[name]]
+    elif key in _FITTING:
+        candidates = [_FITTING[key]]
     else:
-        config = INTERPRETER_CONFIGS[name]
-    block_m, block_n, num_warps, num_stages = config
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
-    grid = (triton.cdiv(grid_rows, blocks[row_block]), *grid_rest)
-    _PLAIN[name][grid](*args, **constexprs, **blocks, num_warps=num_warps, num_stages=num_stages)
+        candidates = _candidates(name, constexprs["BLOCK_D"], constexprs["BLOCK_DV"], args[0].dtype)
+    for config in candidates:
+        block_m, block_n, num_warps, num_stages = config
+        blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+        grid = (triton.cdiv(grid_rows, blocks[row_block]), *grid_rest)
+        try:
+            _PLAIN[name][grid](*args, **constexprs, **blocks, num_warps=num_warps, num_stages=num_stages)
+        except OutOfResources as error:  # raised before the launch, so nothing was written: try a smaller tile
+            too_large = error
+            continue
+        _FITTING[key] = config
+        return
+    raise too_large
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,13 @@ from ._launch import max_programs, row_block_config
 
 
 @triton.jit
+def _mean(total, n_cols):
+    """total / n_cols correctly rounded: a plain `/` of float32 compiles to an approximate division on NVIDIA GPUs,
+    off by an ulp or two even for n_cols = 1, and a mean that is off shows up in dx amplified by rstd."""
+    return tl.math.div_rn(total, n_cols + 0.0)
+
+
+@triton.jit
 def _affine(y, w_ptr, b_ptr, cols, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -60,11 +67,11 @@ def _norm_fwd_kernel(
         if IS_RMS_NORM:
             x_c = x
         else:
-            mean = tl.sum(x, axis=0) / n_cols
+            mean = _mean(tl.sum(x, axis=0), n_cols)
             # One refinement step cancels the rounding error of the first sum (large offsets, long rows).
-            mean += tl.sum(tl.where(mask, x - mean, 0.0), axis=0) / n_cols
+            mean += _mean(tl.sum(tl.where(mask, x - mean, 0.0), axis=0), n_cols)
             x_c = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(x_c * x_c, axis=0) / n_cols + eps)
+        rstd = 1.0 / tl.sqrt(_mean(tl.sum(x_c * x_c, axis=0), n_cols) + eps)
         y = _affine(x_c * rstd, w_ptr, b_ptr, cols, mask, HAS_WEIGHT, HAS_BIAS)
         tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
@@ -74,7 +81,7 @@ def _norm_fwd_kernel(
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_N):
                 acc += tl.load(x_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
-            mean = tl.sum(acc, axis=0) / n_cols
+            mean = _mean(tl.sum(acc, axis=0), n_cols)
         centered_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         squares_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
@@ -83,10 +90,10 @@ def _norm_fwd_kernel(
             x_c = tl.where(mask, x - mean, 0.0)
             centered_acc += x_c
             squares_acc += x_c * x_c
-        var = tl.sum(squares_acc, axis=0) / n_cols
+        var = _mean(tl.sum(squares_acc, axis=0), n_cols)
         if not IS_RMS_NORM:
             # The corrected two-pass variance: sum(x - mean) is the rounding error of the first pass's mean.
-            correction = tl.sum(centered_acc, axis=0) / n_cols
+            correction = _mean(tl.sum(centered_acc, axis=0), n_cols)
             mean += correction
             var -= correction * correction
         rstd = 1.0 / tl.sqrt(var + eps)
@@ -143,9 +150,9 @@ def _norm_bwd_kernel(
             else:
                 x_hat = (x - tl.load(mean_ptr + row)) * rstd
             g = dy * w if HAS_WEIGHT else dy
-            dx = g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols)
+            dx = g - x_hat * _mean(tl.sum(g * x_hat, axis=0), n_cols)
             if not IS_RMS_NORM:
-                dx -= tl.sum(g, axis=0) / n_cols
+                dx -= _mean(tl.sum(g, axis=0), n_cols)
             tl.store(dx_ptr + row * stride_dx_row + cols, (dx * rstd).to(dx_ptr.dtype.element_ty), mask=mask)
             dw_acc += dy * x_hat
             db_acc += dy
@@ -168,8 +175,8 @@ def _norm_bwd_kernel(
                 g = dy * tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
                 g_x_hat_acc += g * (x - mean) * rstd
                 g_acc += g
-            mean_g_x_hat = tl.sum(g_x_hat_acc, axis=0) / n_cols
-            mean_g = 0.0 if IS_RMS_NORM else tl.sum(g_acc, axis=0) / n_cols
+            mean_g_x_hat = _mean(tl.sum(g_x_hat_acc, axis=0), n_cols)
+            mean_g = 0.0 if IS_RMS_NORM else _mean(tl.sum(g_acc, axis=0), n_cols)
             for start in range(0, n_cols, BLOCK_N):
                 mask = start + cols < n_cols
                 x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)

@@ -384,12 +384,12 @@ class TestBadInput:
     def test_head_dims_differ(self):
         q, k, v = _qkv(1, 1, 1, 4, 4, 8, torch.float32)
         with pytest.raises(ValueError, match=r"head dim of `key` \(9\) must equal that of `query` \(8\)"):
-            lmrt.ops.scaled_dot_product_attention(q, torch.randn(1, 1, 4, 9), v)
+            lmrt.ops.scaled_dot_product_attention(q, torch.randn(1, 1, 4, 9, device=q.device), v)
 
     def test_key_value_lengths_differ(self):
         q, k, v = _qkv(1, 1, 1, 4, 4, 8, torch.float32)
         with pytest.raises(ValueError, match="`key` has 4 keys but `value` has 5"):
-            lmrt.ops.scaled_dot_product_attention(q, k, torch.randn(1, 1, 5, 8))
+            lmrt.ops.scaled_dot_product_attention(q, k, torch.randn(1, 1, 5, 8, device=q.device))
 
     def test_heads_not_a_multiple(self):
         q, k, v = _qkv(1, 6, 4, 4, 4, 8, torch.float32)
