@@ -1,0 +1,59 @@
+"""What every lmrt language model shares: the loss, the parameter count, and `generate`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmrt import generation
+from lmrt.nn.positional import LearnedPositionalEmbedding
+
+# Target positions holding this value take no part in the loss (padding, or a prompt not to be learned).
+IGNORE_INDEX = -100
+
+
+def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of `logits` (..., vocab) against `targets` (...), in float32, skipping IGNORE_INDEX."""
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"`targets` must have shape {list(logits.shape[:-1])} (one per position), got "
+                         f"{list(targets.shape)}")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def check_token_ids(model: str, name: str, tokens: Tensor, vocab_size: int) -> None:
+    """Token ids: an integer tensor of shape (batch, length) with values in [0, vocab_size)."""
+    if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
+        raise ValueError(f"lmrt.models.{model}: `{name}` must be an int64 tensor of shape (batch, length), got "
+                         f"{tokens.dtype} of shape {list(tokens.shape)}")
+    if tokens.numel() and not torch.compiler.is_compiling():
+        low, high = tokens.min().item(), tokens.max().item()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"lmrt.models.{model}: `{name}` holds token ids from {low} to {high}, outside the "
+                             f"vocabulary [0, {vocab_size})")
+
+
+class LanguageModel(nn.Module):
+    """Base of lmrt's models: `num_parameters` and `generate` (see lmrt.generation.generate).
+
+    A subclass implements the decoding protocol that generation uses: `init_decoding(batch_size, max_length,
+    **inputs)` returns a state (a KV cache, an LSTM's hidden state, ...) with a `reorder(batch_indices)` method,
+    and `decode(tokens, state)` runs new tokens (batch, n) through the model, updating the state, and returns
+    their logits (batch, n, vocab).
+    """
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Number of parameters, shared ones counted once. `non_embedding` leaves out the position tables and the
+        token embeddings, except a token embedding tied to the output head, which does the head's work."""
+        excluded = set()
+        if non_embedding:
+            excluded = {id(p) for m in self.modules() if isinstance(m, nn.Embedding | LearnedPositionalEmbedding)
+                        for p in m.parameters()}
+            excluded -= {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        return sum(p.numel() for p in self.parameters() if id(p) not in excluded)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, **options) -> Tensor:
+        """Continue `prompt` (batch, length) by up to `max_new_tokens` tokens; options of lmrt.generation.generate."""
+        return generation.generate(self, prompt, max_new_tokens, **options)

@@ -1,0 +1,98 @@
+"""Positional encodings: sinusoidal ("Attention Is All You Need"), learned, and rotary (RoFormer).
+
+Each takes `offset`, the position of the first token it sees, so that a decoding step with a KV cache gets the
+positions that follow the cached tokens. A position beyond the table raises a clear error.
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _check_positions(module: str, offset: int, length: int, max_length: int) -> None:
+    if offset < 0:
+        raise ValueError(f"lmrt.nn.{module}: `offset` must be >= 0, got {offset}")
+    if offset + length > max_length:
+        raise ValueError(f"lmrt.nn.{module}: positions {offset} to {offset + length - 1} do not fit the table of "
+                         f"max_length={max_length}; the context may be at most {max_length} tokens")
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Adds the fixed sinusoids of Vaswani et al.: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...).
+
+    forward(x, offset=0) with x of shape (batch, length, embed_dim) returns x + PE[offset : offset + length].
+    The table is a non-persistent buffer: it is not in the state dict and follows the module's device.
+    """
+
+    def __init__(self, embed_dim: int, max_length: int, base: float = 10000.0, device=None):
+        super().__init__()
+        if embed_dim < 1 or max_length < 1:
+            raise ValueError(f"lmrt.nn.SinusoidalPositionalEncoding: `embed_dim` ({embed_dim}) and `max_length` "
+                             f"({max_length}) must be >= 1")
+        self.embed_dim, self.max_length = embed_dim, max_length
+        position = torch.arange(max_length, dtype=torch.float64, device=device)[:, None]
+        inv_freq = torch.exp(torch.arange(0, embed_dim, 2, dtype=torch.float64, device=device)
+                             * (-math.log(base) / embed_dim))
+        table = torch.zeros(max_length, embed_dim, dtype=torch.float64, device=device)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq[: embed_dim // 2])
+        self.register_buffer("table", table.float(), persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        _check_positions("SinusoidalPositionalEncoding", offset, x.shape[-2], self.max_length)
+        return x + self.table[offset: offset + x.shape[-2]].to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, max_length={self.max_length}"
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """Adds a learned vector per position (GPT-2): forward(x, offset=0) returns x + weight[offset : offset + length]."""
+
+    def __init__(self, max_length: int, embed_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.max_length, self.embed_dim = max_length, embed_dim
+        self.weight = nn.Parameter(torch.empty(max_length, embed_dim, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        _check_positions("LearnedPositionalEmbedding", offset, x.shape[-2], self.max_length)
+        return x + self.weight[offset: offset + x.shape[-2]]
+
+    def extra_repr(self) -> str:
+        return f"max_length={self.max_length}, embed_dim={self.embed_dim}"
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al.), applied to queries and keys inside attention.
+
+    Pairs (x[i], x[i + d/2]) of each head are rotated by the angle p * base^(-2i/d) at position p (the
+    "rotate half" layout of GPT-NeoX and Llama), so that the score of a query and a key depends on their
+    relative position only. forward(x, offset=0) takes x of shape (batch, length, heads, head_dim).
+    """
+
+    def __init__(self, head_dim: int, max_length: int, base: float = 10000.0, device=None):
+        super().__init__()
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"lmrt.nn.RotaryEmbedding: `head_dim` must be even and >= 2, got {head_dim}")
+        self.head_dim, self.max_length, self.base = head_dim, max_length, base
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+        angles = torch.arange(max_length, dtype=torch.float64, device=device)[:, None] * inv_freq
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (max_length, head_dim / 2)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"lmrt.nn.RotaryEmbedding: the last dim of `x` must be head_dim={self.head_dim}, "
+                             f"got shape {list(x.shape)}")
+        length = x.shape[-3]
+        _check_positions("RotaryEmbedding", offset, length, self.max_length)
+        cos = self.cos[offset: offset + length, None, :]  # broadcast over the heads
+        sin = self.sin[offset: offset + length, None, :]
+        first, second = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        return rotated.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_length={self.max_length}, base={self.base}"
