@@ -2,8 +2,8 @@
 
 Token embedding, a multi-layer torch.nn.LSTM (cuDNN on a GPU), dropout, and an output head tied to the
 embedding: the same forward(idx, targets) -> (logits, loss) and generation protocol as GPT, so the trainer and
-the benchmarks treat both alike. When the hidden width differs from the embedding's and the weights are tied, the
-LSTM projects its output to the embedding width (`proj_size`).
+the benchmarks treat both alike. When the hidden width differs from the embedding's and the weights are tied, a
+linear layer maps the LSTM's output to the embedding width.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ class LSTMLanguageModel(LanguageModel):
         super().__init__()
         self.config = config
         factory = dict(device=device, dtype=dtype)
-        project = config.tie_weights and config.hidden_size != config.n_embd
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd, **factory)
         self.dropout = nn.Dropout(config.dropout)
         self.lstm = nn.LSTM(config.n_embd, config.hidden_size, config.n_layer, batch_first=True,
-                            dropout=config.dropout if config.n_layer > 1 else 0.0,
-                            proj_size=config.n_embd if project else 0, **factory)
+                            dropout=config.dropout if config.n_layer > 1 else 0.0, **factory)
+        project = config.tie_weights and config.hidden_size != config.n_embd
+        self.projection = nn.Linear(config.hidden_size, config.n_embd, bias=False, **factory) if project else None
         output_width = config.n_embd if config.tie_weights else config.hidden_size
         self.head = nn.Linear(output_width, config.vocab_size, **factory)
         self.reset_parameters()
@@ -91,6 +91,8 @@ class LSTMLanguageModel(LanguageModel):
         output, hidden = self.lstm(x, None if state is None else state.hidden)
         if state is not None:
             state.hidden = hidden
+        if self.projection is not None:
+            output = self.projection(output)
         logits = self.head(self.dropout(output))
         return logits, None if targets is None else language_model_loss(logits, targets)
 
