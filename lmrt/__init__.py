@@ -38,5 +38,11 @@ if not (_package_dir / "kernels").is_dir() and (_package_dir.parent / "kernels" 
 
 from lmrt import nn, ops, reference  # noqa: E402  (the finder must be in place before anything imports kernels)
 from lmrt.backends import available_backends, backend  # noqa: E402
+from lmrt.integrations import hf as _hf  # noqa: E402
+from lmrt.patching import PatchReport, patch, unpatch  # noqa: E402
 
-__all__ = ["__version__", "available_backends", "backend", "nn", "ops", "reference"]
+# attn_implementation="lmrt" in Hugging Face transformers, whether transformers is imported before lmrt or after.
+_hf.install_registration_hook()
+
+__all__ = ["PatchReport", "__version__", "available_backends", "backend", "integrations", "nn", "ops", "patch",
+           "reference", "unpatch"]
