@@ -52,6 +52,9 @@ class MultiheadAttention(nn.Module):
         if rotary is not None and rotary.head_dim != self.head_dim:
             raise ValueError(f"lmrt.nn.MultiheadAttention: `rotary` is for head_dim {rotary.head_dim}, but the heads "
                              f"are {self.head_dim} wide")
+        if rotary is not None and cross_attention:
+            raise ValueError("lmrt.nn.MultiheadAttention: `rotary` is for self-attention; cross-attention keys come "
+                             "from memory and have no positions")
         self.rotary = rotary
         factory = dict(device=device, dtype=dtype)
         kv_width = 2 * num_kv_heads * self.head_dim
@@ -104,21 +107,21 @@ class MultiheadAttention(nn.Module):
         if self.rotary is not None:
             q = self.rotary(q, offset)
         q = q.transpose(1, 2)
-        mask, is_causal = self._mask(key_padding_mask, is_causal, length, k.shape[2], offset, query.device)
+        mask, is_causal = self._mask(key_padding_mask, is_causal, batch, length, k.shape[2], offset, query.device)
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=kv_heads != heads)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
 
-    def _mask(self, key_padding_mask: Tensor | None, is_causal: bool, length: int, keys: int, offset: int,
-              device: torch.device) -> tuple[Tensor | None, bool]:
+    def _mask(self, key_padding_mask: Tensor | None, is_causal: bool, batch: int, length: int, keys: int,
+              offset: int, device: torch.device) -> tuple[Tensor | None, bool]:
         """The op's (mask, is_causal) for this call: the op's causal alignment is top-left, which is the right one
         only when the queries start at position 0; later queries (a cached prefix) get an explicit mask."""
         mask = None
         if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (key_padding_mask.shape[0], keys):
+            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, keys):
                 raise ValueError(f"lmrt.nn.MultiheadAttention: `key_padding_mask` must be a bool tensor of shape "
-                                 f"(batch, {keys}), got {key_padding_mask.dtype} of shape "
+                                 f"({batch}, {keys}), got {key_padding_mask.dtype} of shape "
                                  f"{list(key_padding_mask.shape)}")
             mask = ~key_padding_mask[:, None, None, :]
         if not is_causal or offset == 0 or length == 1:  # one new query sees every cached key
