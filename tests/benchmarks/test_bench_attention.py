@@ -26,6 +26,9 @@ def test_quick_run_writes_correct_timed_rows(tmp_path):
     assert {"lmrt", "sdpa-math", "naive"} <= {row["provider"] for row in results}
     assert {(row["mode"], row["causal"]) for row in results} == set(itertools.product(MODES, (False, True)))
     for row in results:
+        if row["status"] == "unsupported":  # on a GPU, SDPA's flash and cuDNN backends refuse the float32 quick grid
+            assert row["provider"] in ("sdpa-flash", "sdpa-cudnn") and row["error"], row
+            continue
         assert row["status"] == "ok", row
         assert row["ms"] > 0 and row["tflops"] > 0 and row["matmul_fraction"] > 0, row
         assert row["ms_p20"] <= row["ms"] <= row["ms_p80"], row
