@@ -36,7 +36,7 @@ _package_dir = Path(__file__).resolve().parent
 if not (_package_dir / "kernels").is_dir() and (_package_dir.parent / "kernels" / "__init__.py").is_file():
     sys.meta_path.append(_SourceTreeKernelsFinder(_package_dir.parent / "kernels"))
 
-from lmrt import nn, ops, reference  # noqa: E402  (the finder must be in place before anything imports kernels)
+from lmrt import generation, models, nn, ops, reference  # noqa: E402  (the finder must come before any kernels import)
 from lmrt.backends import available_backends, backend  # noqa: E402
 from lmrt.integrations import hf as _hf  # noqa: E402
 from lmrt.patching import PatchReport, patch, unpatch  # noqa: E402
@@ -44,5 +44,5 @@ from lmrt.patching import PatchReport, patch, unpatch  # noqa: E402
 # attn_implementation="lmrt" in Hugging Face transformers, whether transformers is imported before lmrt or after.
 _hf.install_registration_hook()
 
-__all__ = ["PatchReport", "__version__", "available_backends", "backend", "integrations", "nn", "ops", "patch",
-           "reference", "unpatch"]
+__all__ = ["PatchReport", "__version__", "available_backends", "backend", "generation", "integrations", "models", "nn",
+           "ops", "patch", "reference", "unpatch"]
