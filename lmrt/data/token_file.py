@@ -1,0 +1,62 @@
+"""Pre-tokenized corpora on disk, read through a memory map so that a corpus larger than memory trains.
+
+Format (`.bin`): a 16-byte header, the magic b"LMRTTOK1", then the token width in bytes and the vocabulary size as
+little-endian uint32, followed by the token ids as little-endian unsigned integers of that width (2 bytes when the
+vocabulary fits in 65536 ids, else 4).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"LMRTTOK1"
+HEADER = struct.Struct("<8sII")
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_CHECK_CHUNK = 1 << 24  # tokens per chunk when scanning a file for ids outside the vocabulary
+
+
+def write_token_file(path: str | Path, ids, vocab_size: int) -> None:
+    """Write token `ids` (ints in [0, vocab_size)) to `path`, through a temporary file renamed into place."""
+    width = 2 if vocab_size <= 1 << 16 else 4
+    array = np.asarray(ids, dtype=np.int64)
+    if array.size and (array.min() < 0 or array.max() >= vocab_size):
+        raise ValueError(f"token ids range from {array.min()} to {array.max()}, outside the vocabulary "
+                         f"[0, {vocab_size})")
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        file.write(HEADER.pack(MAGIC, width, vocab_size))
+        file.write(array.astype(_DTYPES[width]).tobytes())
+    temporary.replace(path)
+
+
+def read_token_file(path: str | Path, vocab_size: int | None = None) -> np.memmap:
+    """The token ids of `path` as a read-only memory-mapped 1-D array. With `vocab_size`, checks that the file was
+    written for that vocabulary and that every id fits it (the tokenizer must cover the corpus)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {path} does not exist")
+    with open(path, "rb") as file:
+        header = file.read(HEADER.size)
+    if len(header) < HEADER.size or header[:8] != MAGIC:
+        raise ValueError(f"{path} is not an lmrt token file (no {MAGIC.decode()} header); write one with "
+                         f"lmrt.data.write_token_file")
+    _, width, file_vocab_size = HEADER.unpack(header)
+    if width not in _DTYPES or (path.stat().st_size - HEADER.size) % width:
+        raise ValueError(f"token file {path} is corrupt: token width {width}, {path.stat().st_size} bytes")
+    if vocab_size is not None and file_vocab_size > vocab_size:
+        raise ValueError(f"token file {path} was written for a vocabulary of {file_vocab_size} ids; the tokenizer "
+                         f"has {vocab_size}")
+    if path.stat().st_size == HEADER.size:
+        raise ValueError(f"token file {path} holds no tokens")
+    tokens = np.memmap(path, dtype=_DTYPES[width], mode="r", offset=HEADER.size)
+    if vocab_size is not None:
+        for start in range(0, len(tokens), _CHECK_CHUNK):
+            largest = int(tokens[start: start + _CHECK_CHUNK].max())
+            if largest >= vocab_size:
+                raise ValueError(f"token file {path} holds id {largest}, outside the tokenizer's vocabulary "
+                                 f"[0, {vocab_size})")
+    return tokens
