@@ -55,7 +55,11 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer to one JSON file."""
-        Path(path).write_text(json.dumps({"kind": self.kind, **self.to_dict()}), encoding="utf-8")
+        Path(path).write_text(json.dumps(self.to_json()), encoding="utf-8")
+
+    def to_json(self) -> dict:
+        """The tokenizer as plain JSON data (what `save` writes and `tokenizer_from_dict` reads)."""
+        return {"kind": self.kind, **self.to_dict()}
 
 
 class ByteTokenizer(Tokenizer):
@@ -135,16 +139,25 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        kind = data["kind"]
     except FileNotFoundError:
         raise FileNotFoundError(f"tokenizer file {path} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise ValueError(f"tokenizer file {path} is not a tokenizer saved by lmrt ({error})") from None
+    try:
+        return tokenizer_from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"tokenizer file {path}: {error}") from None
+
+
+def tokenizer_from_dict(data: dict) -> Tokenizer:
+    """The tokenizer described by `data`, a saved tokenizer's JSON ({"kind": ..., **to_dict()}), as a checkpoint
+    holds it."""
+    kind = data.get("kind") if isinstance(data, dict) else None
     if kind == ByteTokenizer.kind:
         return ByteTokenizer()
     if kind == BPETokenizer.kind:
         return BPETokenizer.from_dict(data)
-    raise ValueError(f"tokenizer file {path} holds an unknown tokenizer kind {kind!r}; expected 'byte' or 'bpe'")
+    raise ValueError(f"not a tokenizer saved by lmrt: unknown tokenizer kind {kind!r}; expected 'byte' or 'bpe'")
 
 
 def _import_tokenizers():
