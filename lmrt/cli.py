@@ -1,0 +1,252 @@
+"""The `lmrt` command line (also `python -m lmrt`): train, eval, generate, bench, info.
+
+    lmrt train --preset tiny                       # GPT on the embedded corpus, on this machine's CPU or GPU
+    lmrt train --model lstm --data my_texts/ --out runs/lstm --set batch_size=32 learning_rate=3e-3
+    lmrt train --out runs/tiny --resume            # continue the latest checkpoint
+    lmrt eval --run runs/tiny                      # validation loss and perplexity
+    lmrt generate --run runs/tiny --prompt "The import statement" --max-new-tokens 200
+    lmrt bench --quick                             # the benchmark suite (from a source checkout)
+    lmrt info                                      # versions, GPU, backends
+
+A user's mistake (a missing file, a bad setting, a corrupt checkpoint) ends with one line on stderr and exit
+status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import lmrt
+from lmrt import backends
+from lmrt.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from lmrt.train.config import MODELS, TrainConfig, read_settings
+from lmrt.train.presets import PRESETS, preset_settings
+from lmrt.train.trainer import RESUMABLE_CHANGES, NonFiniteLossError, Trainer
+
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImportError, NonFiniteLossError, OSError)
+BENCHMARKS = ("bench_norms", "bench_attention")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.command(args) or 0
+    except USER_ERRORS as error:
+        print(f"lmrt {args.command_name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmrt", description="lmrt: kernel-optimized Transformers for PyTorch.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = _command(commands, "train", _train, "train a model (on the embedded corpus unless --data is given)")
+    train.add_argument("--model", choices=MODELS, help="default: gpt, or the config file's")
+    train.add_argument("--preset", choices=list(PRESETS), help="a named size and schedule; tiny suits a CPU")
+    train.add_argument("--config", type=Path, help="a YAML or TOML file of TrainConfig settings")
+    train.add_argument("--data", help="a text file, a folder of text files or a .bin token file")
+    train.add_argument("--out", help="the run's folder (checkpoints, metrics, plot, tokenizer)")
+    train.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override settings")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = _command(commands, "eval", _eval, "validation loss and perplexity of a trained run")
+    evaluate.add_argument("--run", required=True, help="the run's folder")
+    evaluate.add_argument("--batches", type=int, help="validation batches (default: all)")
+
+    generate = _command(commands, "generate", _generate, "continue a prompt with a trained run's model")
+    generate.add_argument("--run", required=True, help="the run's folder")
+    generate.add_argument("--prompt", default="\n")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--greedy", action="store_true", help="the most likely token at each step")
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=40)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    generate.add_argument("--length-penalty", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+
+    bench = _command(commands, "bench", _bench, "run the benchmark suite (from a source checkout)")
+    bench.add_argument("benchmarks", nargs="*", metavar="NAME", help=f"of {', '.join(BENCHMARKS)} (default: all)")
+    bench.add_argument("--quick", action="store_true", help="smoke grids, a minute each")
+    bench.add_argument("--out", help="folder for the JSON figures and plots")
+
+    _command(commands, "info", _info, "versions, GPU and the backends this install has")
+    return parser
+
+
+def _command(commands, name: str, function, help_text: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help_text, description=help_text)
+    command.set_defaults(command=function, command_name=name)
+    return command
+
+
+def _train_config(args) -> TrainConfig:
+    values = preset_settings(args.preset, args.model or "gpt") if args.preset else {}
+    if args.config is not None:
+        values.update(read_settings(args.config))
+    if args.model:
+        values["model"] = args.model
+    if args.data:
+        values["data"] = args.data
+    if args.out:
+        values["out_dir"] = args.out
+    values.setdefault("out_dir", f"runs/{values.get('preset') or values.get('model', 'gpt')}")
+    return TrainConfig.from_dict(values).with_overrides(args.set)
+
+
+def _train(args) -> int:
+    config = _train_config(args)
+    if args.resume:
+        config = _resumed_config(config)
+    reporter = _ConsoleReporter(progress=not args.quiet)
+    result = Trainer(config, on_event=reporter, resume=args.resume).run()
+    return 130 if result.interrupted else 0
+
+
+def _resumed_config(config: TrainConfig) -> TrainConfig:
+    """The checkpoint's config with this invocation's changes of what a resumed run may change."""
+    latest = CheckpointManager(Path(config.out_dir) / "checkpoints").latest()
+    if latest is None:
+        raise CheckpointError(f"cannot resume: no checkpoint in {Path(config.out_dir) / 'checkpoints'}")
+    saved = load_checkpoint(latest)["state"]["config"]
+    given = config.to_dict()
+    defaults = TrainConfig().to_dict()
+    return TrainConfig.from_dict({**saved, **{k: v for k, v in given.items()
+                                             if k in RESUMABLE_CHANGES and v != defaults[k]}})
+
+
+def _trainer_of_run(run: str) -> Trainer:
+    latest = CheckpointManager(Path(run) / "checkpoints").latest()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {Path(run) / 'checkpoints'}; train first: lmrt train --out {run}")
+    config = TrainConfig.from_dict(load_checkpoint(latest)["state"]["config"])
+    return Trainer(config, resume=True)
+
+
+def _eval(args) -> int:
+    trainer = _trainer_of_run(args.run)
+    loss = trainer.evaluate(args.batches)  # None: every validation batch
+    print(f"step {trainer.step}: validation loss {loss:.4f}, perplexity {_perplexity(loss):.2f}")
+    return 0
+
+
+def _generate(args) -> int:
+    trainer = _trainer_of_run(args.run)
+    options = dict(num_beams=args.beams, length_penalty=args.length_penalty)
+    if not args.greedy and args.beams == 1:
+        options.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    print(trainer.generate_text(args.prompt, args.max_new_tokens, seed=args.seed, **options))
+    return 0
+
+
+def _bench(args) -> int:
+    if importlib.util.find_spec("benchmarks") is None:
+        raise ImportError("lmrt bench runs the benchmark suite of a source checkout: run it from the repository root")
+    unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; the benchmarks are {', '.join(BENCHMARKS)}")
+    for name in args.benchmarks or BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.{name}")
+        module.main((["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []))
+    return 0
+
+
+def _info(args) -> int:
+    lines = [f"lmrt {lmrt.__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for package in ("triton", "transformers", "tokenizers"):
+        spec = importlib.util.find_spec(package)
+        lines.append(f"{package} {_version(package) if spec else 'not installed'}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            lines.append(f"GPU {index}: {torch.cuda.get_device_name(index)}")
+    else:
+        lines.append("GPU: none (CUDA is not available to this torch)")
+    for name in backends.BACKENDS:
+        reasons = {d: backends.unavailable_reason(name, d)
+                   for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
+        usable = [d for d, reason in reasons.items() if reason is None]
+        why = "; ".join(sorted({r for r in reasons.values() if r}))
+        lines.append(f"backend {name}: " + (f"available on {', '.join(usable)}" if usable else f"unavailable ({why})"))
+    print("\n".join(lines))
+    return 0
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(version unknown)"
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+class _ConsoleReporter:
+    """Turns the trainer's events into a progress bar (tqdm, when installed) and lines of text."""
+
+    def __init__(self, progress: bool):
+        self.progress, self.bar = progress, None
+
+    def __call__(self, name: str, data: dict) -> None:
+        getattr(self, f"_{name}")(data)
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _start(self, data) -> None:
+        config = data["config"]
+        print(f"lmrt train: {config.model}, {data['parameters'] / 1e6:.2f}M parameters, on {data['device']} "
+              f"({data['precision']}, {data['world_size']} process{'es' if data['world_size'] > 1 else ''}); "
+              f"{data['train_examples']} training and {data['validation_examples']} validation examples\n"
+              f"{config}", flush=True)
+        if self.progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=config.max_steps, initial=data["start_step"], desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def _step(self, data) -> None:
+        metrics = f"loss {data['loss']:.4f}, lr {data['lr']:.2e}, {data['tokens_per_second']:,.0f} tok/s"
+        if "mfu" in data:
+            metrics += f", MFU {100 * data['mfu']:.1f}%"
+        if self.bar is not None:
+            self.bar.set_postfix_str(metrics, refresh=False)
+            self.bar.update(1)
+        elif data["step"] % 50 == 0:
+            print(f"step {data['step']}: {metrics}", flush=True)
+
+    def _eval(self, data) -> None:
+        self._write(f"step {data['step']}: validation loss {data['validation_loss']:.4f}, "
+                    f"perplexity {data['perplexity']:.2f}")
+
+    def _sample(self, data) -> None:
+        self._write(f"step {data['step']} sample:\n{data['text']}\n")
+
+    def _checkpoint(self, data) -> None:
+        self._write(f"step {data['step']}: checkpoint {data['path']}")
+
+    def _end(self, data) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        result = data["result"]
+        how = "interrupted; resume with --resume" if result.interrupted else "done"
+        print(f"lmrt train: {how} at step {result.step}; checkpoints, metrics.jsonl and loss.png in "
+              f"{result.out_dir}", flush=True)

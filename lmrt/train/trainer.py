@@ -1,0 +1,483 @@
+"""The training loop: data, model, AdamW with warmup and cosine decay, mixed precision, gradient accumulation and
+clipping, evaluation, samples, metrics and checkpoints, on one process or several (torchrun, DDP).
+
+The trainer prints nothing: it reports what happens through `on_event(name, data)` (the command line turns the
+events into a progress bar and lines of text). Events: "start" (the config, the model's size, the data's),
+"step" (loss, learning rate, tokens/s, MFU on a GPU), "eval" (validation loss and perplexity), "sample" (generated
+text), "checkpoint" (its path), "end" (a TrainResult).
+
+A run never loses its work: checkpoints hold everything needed to continue bitwise as if never stopped (model,
+optimizer, schedule, gradient scaler, RNG states, the data position, the config and the tokenizer); Ctrl-C saves one
+after the step in progress and returns; a loss that is not finite stops the run with NonFiniteLossError before
+anything is saved from it, so the last checkpoint stays the last good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+import lmrt
+from lmrt.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    LanguageModelWindows,
+    Seq2SeqPairs,
+    Tokenizer,
+    default_corpus,
+    read_text,
+    read_token_file,
+    split_tokens,
+    tokenizer_from_dict,
+)
+from lmrt.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, Seq2SeqConfig, Seq2SeqTransformer
+from lmrt.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    apply_model_state,
+    apply_optimizer_state,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
+from lmrt.train.config import TrainConfig
+
+# Settings a resumed run may change: how long it runs and what it reports, not what it computes.
+RESUMABLE_CHANGES = {"max_steps", "max_minutes", "eval_interval", "sample_interval", "sample_tokens", "sample_prompt",
+                     "checkpoint_interval", "keep_last", "tensorboard", "device", "compile"}
+# Dense bfloat16 tensor-core peaks (FLOP/s), for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None
+    validation_loss: float | None
+    interrupted: bool
+    out_dir: Path
+
+
+Event = Callable[[str, dict], None]
+
+
+class Trainer:
+    """Trains the model `config` describes; `resume=True` continues from the latest checkpoint in its out_dir."""
+
+    def __init__(self, config: TrainConfig, on_event: Event | None = None, resume: bool = False):
+        self.on_event = on_event or (lambda name, data: None)
+        self.rank, self.world_size = _init_distributed()
+        self.out_dir = Path(config.out_dir)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.keep_last)
+        checkpoint, checkpoint_path = self._latest_checkpoint(config) if resume else (None, None)
+        self.config = config
+        self.device = _resolve_device(config.device, self.rank)
+        self.amp_dtype = _resolve_precision(config.precision, self.device)
+        torch.manual_seed(config.seed)
+        self.tokenizer = (tokenizer_from_dict(checkpoint["state"]["tokenizer"]) if checkpoint
+                          else _make_tokenizer(config))
+        train_tokens, validation_tokens = split_tokens(_read_tokens(config, self.tokenizer), config.validation_fraction)
+        self.train_data = self._dataset(train_tokens)
+        self.validation_data = self._dataset(validation_tokens)
+        self.model = _build_model(config, self.tokenizer).to(self.device)
+        self.optimizer = _adamw(self.model, config, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step, self.epoch, self.position = 0, 0, 0
+        if checkpoint:
+            self._restore(checkpoint, checkpoint_path)
+        self.train_model = torch.compile(self.model) if config.compile else self.model
+        if self.world_size > 1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ----------------------------------------------------------------------------------------------------- set-up
+    def _latest_checkpoint(self, config: TrainConfig) -> tuple[dict, Path]:
+        path = self.checkpoints.latest()
+        if path is None:
+            raise CheckpointError(f"cannot resume: no checkpoint in {self.checkpoints.directory}")
+        checkpoint = load_checkpoint(path)
+        saved = checkpoint["state"].get("config", {})
+        changed = sorted(name for name, value in config.to_dict().items()
+                         if name not in RESUMABLE_CHANGES and saved.get(name) != value)
+        if changed:
+            name = changed[0]
+            raise CheckpointError(f"cannot resume from {path}: it was trained with {name}={saved.get(name)!r}, the "
+                                  f"config now says {getattr(config, name)!r} (a resumed run may change only "
+                                  f"{', '.join(sorted(RESUMABLE_CHANGES))})")
+        return checkpoint, path
+
+    def _dataset(self, tokens):
+        if self.config.model == "seq2seq":
+            half = self.config.context_length // 2
+            return Seq2SeqPairs.continuations(tokens, half, half - 1, self.tokenizer)
+        return LanguageModelWindows(tokens, self.config.context_length, seed=self.config.seed)
+
+    def _restore(self, checkpoint: dict, source: Path) -> None:
+        state = checkpoint["state"]
+        apply_model_state(self.model, state["model"], source=source)
+        apply_optimizer_state(self.optimizer, state["optimizer"], source=source)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.step, self.epoch, self.position = state["step"], state["data"]["epoch"], state["data"]["position"]
+        _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+
+    # ------------------------------------------------------------------------------------------------------- data
+    def _micro_batches(self) -> Iterator[tuple[tuple, int, int]]:
+        """(batch, epoch, position after it), forever: each epoch a DistributedSampler permutation of the dataset
+        (this process's share of it), cut into batches; starts at the saved (epoch, position)."""
+        sampler = DistributedSampler(self.train_data, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=self.config.seed, drop_last=True)
+        size = self.config.batch_size
+        if len(sampler) < size:
+            raise ValueError(f"the training data has {len(self.train_data)} examples, fewer than one batch of "
+                             f"{size} per process; use more text, a shorter context_length or a smaller batch_size")
+        epoch, position = self.epoch, self.position
+        while True:
+            sampler.set_epoch(epoch)
+            if isinstance(self.train_data, LanguageModelWindows):
+                self.train_data.set_epoch(epoch)
+            indices = list(sampler)
+            while position + size <= len(indices):
+                batch = self._collate([self.train_data[i] for i in indices[position: position + size]])
+                position += size
+                yield batch, epoch, position
+            epoch, position = epoch + 1, 0
+
+    def _collate(self, items: list) -> tuple:
+        if isinstance(self.train_data, Seq2SeqPairs):
+            return tuple(t.to(self.device) for t in self.train_data.collate(items))
+        return tuple(torch.stack(column).to(self.device) for column in zip(*items, strict=True))
+
+    # ------------------------------------------------------------------------------------------------------- loop
+    def request_stop(self) -> None:
+        """Finish the step in progress, save a checkpoint and return from run() (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    def run(self) -> TrainResult:
+        """Train until max_steps, max_minutes or a stop request (Ctrl-C); returns how it ended."""
+        config = self.config
+        self._emit("start", config=config, parameters=self.model.num_parameters(), device=str(self.device),
+                   precision=str(self.amp_dtype).removeprefix("torch."), train_examples=len(self.train_data),
+                   validation_examples=len(self.validation_data), start_step=self.step, world_size=self.world_size)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(self.out_dir / "tokenizer.json")
+        batches = self._micro_batches()
+        started = time.perf_counter()
+        train_loss = validation_loss = None
+        saved_step = None
+        self._stop_requested = False
+        with self._ctrl_c_requests_stop():
+            try:
+                while self.step < config.max_steps and not self._stop_agreed():
+                    if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
+                        break
+                    train_loss, metrics = self._train_step(batches)
+                    self.step += 1
+                    self._emit("step", step=self.step, **metrics)
+                    self._log_metrics({"step": self.step, **metrics})
+                    evaluated = self.step % config.eval_interval == 0 or self.step == config.max_steps
+                    if evaluated:
+                        validation_loss = self._evaluate_and_report()
+                    if self.step % config.sample_interval == 0:
+                        self._emit("sample", step=self.step, text=self.sample())
+                    if self.step % config.checkpoint_interval == 0 or self.step == config.max_steps:
+                        self._save(validation_loss if evaluated else None)
+                        saved_step = self.step
+                if saved_step != self.step and self.step > 0:  # stopped by time or by request: keep the work
+                    self._save(None)
+            finally:
+                if self.rank == 0:
+                    _plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+        result = TrainResult(self.step, train_loss, validation_loss, self._stop_requested, self.out_dir)
+        self._emit("end", result=result)
+        return result
+
+    @contextlib.contextmanager
+    def _ctrl_c_requests_stop(self):
+        """In the main thread, the first Ctrl-C asks the loop to stop after the current step (a second one
+        interrupts at once), so that a checkpoint is never taken in the middle of an optimizer update."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now: every process stops at the same step when any of them was asked to."""
+        if self.world_size == 1:
+            return self._stop_requested
+        flag = torch.tensor(float(self._stop_requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_requested = bool(flag.item())
+        return self._stop_requested
+
+    def _train_step(self, batches: Iterator) -> tuple[float, dict]:
+        config, model = self.config, self.train_model
+        model.train()
+        start = time.perf_counter()
+        total = torch.zeros((), device=self.device)
+        for micro in range(config.gradient_accumulation):
+            batch, self.epoch, self.position = next(batches)
+            last = micro == config.gradient_accumulation - 1
+            sync = model.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
+            with sync, self._autocast():
+                _, loss = model(*batch)
+            with sync:
+                self.scaler.scale(loss / config.gradient_accumulation).backward()
+            total += loss.detach().float()
+        mean_loss = total / config.gradient_accumulation
+        if self.world_size > 1:
+            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+        loss_value = mean_loss.item()
+        if not math.isfinite(loss_value):
+            latest = self.checkpoints.latest()
+            raise NonFiniteLossError(f"step {self.step + 1}: the training loss is {loss_value}; the run stopped. "
+                                     f"The last good checkpoint is {latest or 'none (no checkpoint was written yet)'}; "
+                                     f"lower learning_rate or use precision=float32 and resume from it")
+        if config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        seconds = time.perf_counter() - start
+        tokens = config.batch_size * config.gradient_accumulation * self.world_size * config.context_length
+        metrics = {"loss": loss_value, "lr": lr, "tokens_per_second": tokens / seconds}
+        peak = next((flops for name, flops in PEAK_FLOPS.items()
+                     if self.device.type == "cuda" and name in torch.cuda.get_device_name(self.device)), None)
+        if peak is not None and isinstance(self.model, GPT):
+            metrics["mfu"] = self.model.estimate_mfu(tokens / seconds / self.world_size, peak)
+        return loss_value, metrics
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
+
+    @torch.no_grad()
+    def evaluate(self, batches: int | None = None) -> float:
+        """Mean loss over the first `batches` batches of the validation data (the same ones every time; all of
+        them when None)."""
+        self.model.eval()
+        data, size = self.validation_data, self.config.batch_size
+        if isinstance(data, LanguageModelWindows):
+            data.set_epoch(0)
+        end = len(data) if batches is None else min(len(data), size * batches)
+        losses = []
+        for start in range(0, end, size):
+            items = [data[i] for i in range(start, min(start + size, end))]
+            batch = (tuple(t.to(self.device) for t in data.collate(items)) if isinstance(data, Seq2SeqPairs)
+                     else tuple(torch.stack(c).to(self.device) for c in zip(*items, strict=True)))
+            with self._autocast():
+                losses.append(self.model(*batch)[1].float().item())
+        return sum(losses) / len(losses)
+
+    def _evaluate_and_report(self) -> float:
+        loss = self.evaluate(self.config.eval_batches)
+        perplexity = math.exp(min(loss, 50.0))
+        self._emit("eval", step=self.step, validation_loss=loss, perplexity=perplexity)
+        self._log_metrics({"step": self.step, "validation_loss": loss, "perplexity": perplexity})
+        return loss
+
+    def sample(self) -> str:
+        """The periodic sample: sample_tokens tokens after sample_prompt, temperature 0.8, top-k 40, a fixed seed."""
+        return self.generate_text(self.config.sample_prompt, self.config.sample_tokens, seed=self.config.seed,
+                                  do_sample=True, temperature=0.8, top_k=40)
+
+    @torch.no_grad()
+    def generate_text(self, prompt: str, max_new_tokens: int, seed: int = 0, **options) -> str:
+        """The model's continuation of `prompt` (options of lmrt.generation.generate), with the prompt; for the
+        encoder-decoder, the continuation of `prompt` as its source text."""
+        self.model.eval()
+        generator = torch.Generator(self.device).manual_seed(seed)
+        ids = self.tokenizer.encode(prompt)
+        with self._autocast():
+            if isinstance(self.model, Seq2SeqTransformer):
+                source = torch.tensor([ids or [self.tokenizer.bos_id]], device=self.device)
+                limit = min(max_new_tokens, self.model.config.max_length - 1)
+                out = self.model.generate(source, limit, generator=generator, **options)
+                return self.tokenizer.decode(out[0, 1:].tolist())
+            ids = ids or [self.tokenizer.bos_id]
+            room = self.config.context_length - len(ids)
+            if room < 1:
+                raise ValueError(f"the prompt has {len(ids)} tokens; the model's context holds "
+                                 f"{self.config.context_length}")
+            out = self.model.generate(torch.tensor([ids], device=self.device), min(max_new_tokens, room),
+                                      generator=generator, **options)
+            return self.tokenizer.decode(out[0].tolist())
+
+    # --------------------------------------------------------------------------------------------------- records
+    def _save(self, validation_loss: float | None) -> None:
+        if self.rank == 0:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                     "rng": capture_rng_state(), "step": self.step,
+                     "data": {"epoch": self.epoch, "position": self.position},
+                     "config": self.config.to_dict(), "model_config": dataclasses.asdict(self.model.config),
+                     "tokenizer": self.tokenizer.to_json()}
+            path = self.checkpoints.save(self.step, state, validation_loss)
+            self._emit("checkpoint", step=self.step, path=str(path))
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _emit(self, name: str, **data) -> None:
+        if self.rank == 0:
+            self.on_event(name, data)
+
+    def _log_metrics(self, record: dict) -> None:
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's, with the process group set up (NCCL on GPUs, gloo on CPUs), or (0, 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world_size
+
+
+def _resolve_device(name: str, rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"`device` must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {name!r}, but this machine has no CUDA GPU (torch {torch.__version__})")
+    return device
+
+
+def _resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if precision == "float16" and device.type != "cuda":
+        raise ValueError("precision=float16 needs a CUDA GPU (its gradient scaler); use bfloat16 or float32 on a CPU")
+    return getattr(torch, precision)
+
+
+def _make_tokenizer(config: TrainConfig) -> Tokenizer:
+    if config.tokenizer == "byte":
+        return ByteTokenizer()
+    if config.data is not None and config.data.endswith(".bin"):
+        raise ValueError("a .bin file is already tokenized: train with tokenizer=byte, the ids it was written with")
+    text = default_corpus() if config.data is None else read_text(config.data)
+    return BPETokenizer.train([text], config.bpe_vocab_size)
+
+
+def _read_tokens(config: TrainConfig, tokenizer: Tokenizer):
+    if config.data is not None and config.data.endswith(".bin"):
+        return read_token_file(config.data, tokenizer.vocab_size)
+    text = default_corpus() if config.data is None else read_text(config.data)
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+def _build_model(config: TrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
+    options = dict(config.model_options)
+    try:
+        if config.model == "gpt":
+            return GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=config.context_length, **options))
+        if config.model == "lstm":
+            return LSTMLanguageModel(LSTMConfig(vocab_size=tokenizer.vocab_size,
+                                                context_length=config.context_length, **options))
+        return Seq2SeqTransformer(Seq2SeqConfig(
+            src_vocab_size=tokenizer.vocab_size, tgt_vocab_size=tokenizer.vocab_size, max_length=config.context_length,
+            share_embeddings=True, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+            **options))
+    except TypeError as error:  # an unknown option
+        raise ValueError(f"model_options for {config.model}: {error}") from None
+
+
+def _adamw(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices (and embeddings) only, not on biases and norm weights."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2),
+                             fused=device.type == "cuda")
+
+
+def _schedule(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup to learning_rate, then cosine decay to min_learning_rate at max_steps, as a LambdaLR factor."""
+    floor = config.min_learning_rate / config.learning_rate
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after `step` that an interrupted run wrote past its last checkpoint."""
+    if path.is_file():
+        records = [line for line in path.read_text(encoding="utf-8").splitlines()
+                   if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
+
+
+def _plot_losses(metrics: Path, out: Path) -> None:
+    """Training and validation loss against steps, as a PNG (when matplotlib is installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not metrics.is_file():
+        return
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    validation = [(r["step"], r["validation_loss"]) for r in records if "validation_loss" in r]
+    if not train:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), label="training", linewidth=0.8)
+    if validation:
+        ax.plot(*zip(*validation, strict=True), "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title=f"lmrt {lmrt.__version__}: {out.parent.name}")
+    ax.legend()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,141 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from lmrt.train import CheckpointError, TrainConfig
+from lmrt.train.trainer import NonFiniteLossError, Trainer
+
+TINY = dict(model="gpt", model_options=dict(n_layer=1, n_head=2, n_embd=32, dropout=0.1), context_length=32,
+            batch_size=8, max_steps=12, warmup_steps=3, eval_interval=4, eval_batches=2, sample_interval=6,
+            sample_tokens=10, checkpoint_interval=4, device="cpu")
+
+
+def _config(tmp_path, name="run", **overrides):
+    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / name), **overrides})
+
+
+def _losses(out_dir):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_a_run_writes_its_records(tmp_path):
+    events = []
+    result = Trainer(_config(tmp_path), on_event=lambda name, data: events.append(name)).run()
+    assert result.step == 12 and not result.interrupted and result.validation_loss is not None
+    out = tmp_path / "run"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "best.pt", "checkpoints.json", "step-00000004.pt", "step-00000008.pt", "step-00000012.pt"]
+    assert (out / "loss.png").stat().st_size > 0 and (out / "tokenizer.json").is_file()
+    assert sorted(_losses(out)) == list(range(1, 13))
+    assert events[0] == "start" and events[-1] == "end"
+    assert {"step", "eval", "sample", "checkpoint"} <= set(events)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    """Stopped after step 5 (a request, as Ctrl-C makes) and resumed: the same losses, bit for bit, at every step."""
+    Trainer(_config(tmp_path, "straight")).run()
+
+    def stop_at_five(name, data):
+        if name == "step" and data["step"] == 5:
+            trainer.request_stop()
+
+    trainer = Trainer(_config(tmp_path, "resumed"), on_event=stop_at_five)
+    result = trainer.run()
+    assert result.interrupted and result.step == 5
+    assert (tmp_path / "resumed" / "checkpoints" / "step-00000005.pt").is_file()
+    assert Trainer(_config(tmp_path, "resumed"), resume=True).run().step == 12
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+
+
+def test_ctrl_c_saves_and_returns(tmp_path):
+    def press_ctrl_c(name, data):
+        if name == "step" and data["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = Trainer(_config(tmp_path), on_event=press_ctrl_c).run()
+    assert result.interrupted and result.step == 2
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(_config(tmp_path))
+    forward = type(trainer.model).forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        calls["n"] += self.training  # training forwards only: the 7th is step 7's
+        return logits, (loss * float("nan") if calls["n"] > 6 and self.training else loss)
+
+    monkeypatch.setattr(type(trainer.model), "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 7: the training loss is nan; the run stopped. The last good "
+                                                 r"checkpoint is .*step-00000004.pt"):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-00000004.pt"]
+
+
+def test_resume_refuses_a_corrupt_or_mismatched_checkpoint(tmp_path):
+    Trainer(_config(tmp_path, max_steps=4)).run()
+    with pytest.raises(CheckpointError, match="it was trained with context_length=32, the config now says 64"):
+        Trainer(_config(tmp_path, context_length=64, max_steps=8), resume=True)
+    latest = tmp_path / "run" / "checkpoints" / "step-00000004.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="step-00000004.pt"):
+        Trainer(_config(tmp_path, max_steps=8), resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        Trainer(_config(tmp_path, "empty"), resume=True)
+
+
+@pytest.mark.parametrize("model,options", [("lstm", dict(n_layer=1, n_embd=32, hidden_size=48)),
+                                           ("seq2seq", dict(d_model=32, n_head=2, n_encoder_layers=1,
+                                                            n_decoder_layers=1, ffn_dim=64))])
+def test_other_models_train(tmp_path, model, options):
+    result = Trainer(_config(tmp_path, model=model, model_options=options, max_steps=6)).run()
+    losses = _losses(tmp_path / "run")
+    assert result.step == 6 and losses[6] < losses[1]
+
+
+def test_learning_rate_schedule(tmp_path):
+    Trainer(_config(tmp_path, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=4, max_steps=12)).run()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lrs = [r["lr"] for r in map(json.loads, lines) if "lr" in r]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warmup
+    assert lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + torch.cos(
+        torch.tensor(torch.pi * 7 / 8)).item()))  # cosine towards min_learning_rate at step 12
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+
+
+def _ddp_worker(rank, port, config_dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+
+    try:
+        Trainer(TrainConfig.from_dict(config_dict)).run()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_reach_the_loss_of_one(tmp_path):
+    """DDP on gloo, two CPU processes of 4 sequences each, against one process of 8: the same global batches
+    (DistributedSampler deals one permutation out to the ranks), so the same losses up to summation order."""
+    import socket
+
+    import torch.multiprocessing
+
+    options = dict(max_steps=6, model_options=dict(n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    Trainer(_config(tmp_path, "one", batch_size=8, **options)).run()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = _config(tmp_path, "two", batch_size=4, **options)
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, config.to_dict()), nprocs=2)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
