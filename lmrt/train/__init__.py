@@ -1,4 +1,4 @@
-"""Training: the run configuration and checkpoints (the trainer and its metrics come next)."""
+"""Training: the run configuration, presets, checkpoints and the trainer that `lmrt train` drives."""
 
 from lmrt.train.checkpoint import (
     CheckpointError,
@@ -10,6 +10,7 @@ from lmrt.train.checkpoint import (
     restore_rng_state,
 )
 from lmrt.train.config import TrainConfig
+from lmrt.train.trainer import NonFiniteLossError, Trainer, TrainResult
 
 __all__ = ["CheckpointError", "CheckpointManager", "apply_model_state", "apply_optimizer_state", "capture_rng_state",
-           "load_checkpoint", "restore_rng_state", "TrainConfig"]
+           "load_checkpoint", "restore_rng_state", "NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer"]
