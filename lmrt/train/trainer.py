@@ -101,6 +101,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.position = 0, 0, 0
+        self._tensorboard = _tensorboard_writer(self.out_dir) if config.tensorboard and self.rank == 0 else None
         if checkpoint:
             self._restore(checkpoint, checkpoint_path)
         self.train_model = torch.compile(self.model) if config.compile else self.model
@@ -209,6 +210,8 @@ class Trainer:
             finally:
                 if self.rank == 0:
                     _plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+                if self._tensorboard is not None:
+                    self._tensorboard.flush()
         result = TrainResult(self.step, train_loss, validation_loss, self._stop_requested, self.out_dir)
         self._emit("end", result=result)
         return result
@@ -356,10 +359,16 @@ class Trainer:
             self.on_event(name, data)
 
     def _log_metrics(self, record: dict) -> None:
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
+        """One JSON line in metrics.jsonl and, with `tensorboard`, scalars in out_dir/tensorboard."""
+        if self.rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                if name != "step":
+                    self._tensorboard.add_scalar(name, value, record["step"])
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -370,6 +379,14 @@ def _init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world_size
+
+
+def _tensorboard_writer(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def _resolve_device(name: str, rank: int) -> torch.device:

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import signal
@@ -139,3 +140,12 @@ def test_two_processes_reach_the_loss_of_one(tmp_path):
     assert sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+def test_tensorboard(tmp_path):
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ImportError, match="tensorboard=true needs the tensorboard package"):
+            Trainer(_config(tmp_path, tensorboard=True))
+        return
+    Trainer(_config(tmp_path, tensorboard=True, max_steps=2)).run()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
