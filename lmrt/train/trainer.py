@@ -101,6 +101,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.position = 0, 0, 0
+        self.tokens_seen, self.train_seconds = 0, 0.0  # totals over the run, resumed ones included
         self._tensorboard = _tensorboard_writer(self.out_dir) if config.tensorboard and self.rank == 0 else None
         if checkpoint:
             self._restore(checkpoint, checkpoint_path)
@@ -140,6 +141,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         self.step, self.epoch, self.position = state["step"], state["data"]["epoch"], state["data"]["position"]
+        self.tokens_seen, self.train_seconds = state["progress"]["tokens"], state["progress"]["seconds"]
         _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
 
     # ------------------------------------------------------------------------------------------------------- data
@@ -277,7 +279,10 @@ class Trainer:
         self.scheduler.step()
         seconds = time.perf_counter() - start
         tokens = config.batch_size * config.gradient_accumulation * self.world_size * config.context_length
-        metrics = {"loss": loss_value, "lr": lr, "tokens_per_second": tokens / seconds}
+        self.tokens_seen += tokens
+        self.train_seconds += seconds
+        metrics = {"loss": loss_value, "lr": lr, "tokens_per_second": tokens / seconds, "tokens": self.tokens_seen,
+                   "seconds": self.train_seconds}
         peak = next((flops for name, flops in PEAK_FLOPS.items()
                      if self.device.type == "cuda" and name in torch.cuda.get_device_name(self.device)), None)
         if peak is not None and isinstance(self.model, GPT):
@@ -309,7 +314,8 @@ class Trainer:
         loss = self.evaluate(self.config.eval_batches)
         perplexity = math.exp(min(loss, 50.0))
         self._emit("eval", step=self.step, validation_loss=loss, perplexity=perplexity)
-        self._log_metrics({"step": self.step, "validation_loss": loss, "perplexity": perplexity})
+        self._log_metrics({"step": self.step, "validation_loss": loss, "perplexity": perplexity,
+                           "tokens": self.tokens_seen, "seconds": self.train_seconds})
         return loss
 
     def sample(self) -> str:
@@ -347,6 +353,7 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                      "rng": capture_rng_state(), "step": self.step,
                      "data": {"epoch": self.epoch, "position": self.position},
+                     "progress": {"tokens": self.tokens_seen, "seconds": self.train_seconds},
                      "config": self.config.to_dict(), "model_config": dataclasses.asdict(self.model.config),
                      "tokenizer": self.tokenizer.to_json()}
             path = self.checkpoints.save(self.step, state, validation_loss)
