@@ -26,7 +26,7 @@ import torch
 
 import lmrt
 from lmrt import backends
-from lmrt.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from lmrt.train.checkpoint import CheckpointError, CheckpointManager
 from lmrt.train.config import MODELS, TrainConfig, read_settings
 from lmrt.train.presets import PRESETS, preset_settings
 from lmrt.train.trainer import RESUMABLE_CHANGES, NonFiniteLossError, Trainer
@@ -105,32 +105,21 @@ def _train_config(args) -> TrainConfig:
 
 
 def _train(args) -> int:
-    config = _train_config(args)
-    if args.resume:
-        config = _resumed_config(config)
     reporter = _ConsoleReporter(progress=not args.quiet)
-    result = Trainer(config, on_event=reporter, resume=args.resume).run()
-    return 130 if result.interrupted else 0
-
-
-def _resumed_config(config: TrainConfig) -> TrainConfig:
-    """The checkpoint's config with this invocation's changes of what a resumed run may change."""
-    latest = CheckpointManager(Path(config.out_dir) / "checkpoints").latest()
-    if latest is None:
-        raise CheckpointError(f"cannot resume: no checkpoint in {Path(config.out_dir) / 'checkpoints'}")
-    saved = load_checkpoint(latest)["state"]["config"]
-    given = config.to_dict()
-    defaults = TrainConfig().to_dict()
-    return TrainConfig.from_dict({**saved, **{k: v for k, v in given.items()
-                                             if k in RESUMABLE_CHANGES and v != defaults[k]}})
+    if args.resume:
+        # The saved config, changed only in the resumable settings this invocation gives (those off their default).
+        config, defaults = _train_config(args).to_dict(), TrainConfig().to_dict()
+        changes = {k: v for k, v in config.items() if k in RESUMABLE_CHANGES and v != defaults[k]}
+        trainer = Trainer.continue_run(config["out_dir"], changes, on_event=reporter)
+    else:
+        trainer = Trainer(_train_config(args), on_event=reporter)
+    return 130 if trainer.run().interrupted else 0
 
 
 def _trainer_of_run(run: str) -> Trainer:
-    latest = CheckpointManager(Path(run) / "checkpoints").latest()
-    if latest is None:
+    if CheckpointManager(Path(run) / "checkpoints").latest() is None:
         raise FileNotFoundError(f"no checkpoint in {Path(run) / 'checkpoints'}; train first: lmrt train --out {run}")
-    config = TrainConfig.from_dict(load_checkpoint(latest)["state"]["config"])
-    return Trainer(config, resume=True)
+    return Trainer.continue_run(run)
 
 
 def _eval(args) -> int:

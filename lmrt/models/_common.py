@@ -28,7 +28,7 @@ def check_token_ids(model: str, name: str, tokens: Tensor, vocab_size: int) -> N
         raise ValueError(f"lmrt.models.{model}: `{name}` must be an int64 tensor of shape (batch, length), got "
                          f"{tokens.dtype} of shape {list(tokens.shape)}")
     if tokens.numel() and not torch.compiler.is_compiling():
-        low, high = tokens.min().item(), tokens.max().item()
+        low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one device sync, not two
         if low < 0 or high >= vocab_size:
             raise ValueError(f"lmrt.models.{model}: `{name}` holds token ids from {low} to {high}, outside the "
                              f"vocabulary [0, {vocab_size})")

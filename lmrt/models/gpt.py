@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmrt._settings import require_at_least, require_dropout, require_one_of
 from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
 from lmrt.nn.attention import check_heads
 from lmrt.nn.feed_forward import ACTIVATIONS
@@ -44,18 +45,12 @@ class GPTConfig:
     eps: float = 1e-5
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "n_layer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig: `{name}` must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, ("vocab_size", "context_length", "n_layer"))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         check_heads("GPTConfig", self.n_embd, self.n_head, self.n_kv_head)
-        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"GPTConfig: `{name}` must be one of {', '.join(allowed)}, got "
-                                 f"{getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig: `dropout` must be in [0, 1), got {self.dropout}")
+        require_one_of(self, dict(norm=NORMS, activation=ACTIVATIONS, position=POSITIONS))
+        require_dropout(self)
         if self.ffn_dim is None:
             swiglu_width = max(64, round(8 * self.n_embd / 3 / 64) * 64)
             self.ffn_dim = swiglu_width if self.activation == "swiglu" else 4 * self.n_embd

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmrt._settings import require_at_least, require_dropout
 from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
 
 
@@ -30,11 +31,8 @@ class LSTMConfig:
     tie_weights: bool = True
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "n_layer", "n_embd", "hidden_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LSTMConfig: `{name}` must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LSTMConfig: `dropout` must be in [0, 1), got {self.dropout}")
+        require_at_least(self, 1, ("vocab_size", "context_length", "n_layer", "n_embd", "hidden_size"))
+        require_dropout(self)
 
 
 class LSTMState:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmrt._settings import require_at_least, require_one_of
 from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
 from lmrt.nn.attention import check_heads
 from lmrt.nn.feed_forward import ACTIVATIONS
@@ -47,15 +48,10 @@ class Seq2SeqConfig:
     eps: float = 1e-5
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "max_length", "n_encoder_layers", "n_decoder_layers",
-                     "ffn_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Seq2SeqConfig: `{name}` must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, ("src_vocab_size", "tgt_vocab_size", "max_length", "n_encoder_layers",
+                                   "n_decoder_layers", "ffn_dim"))
         check_heads("Seq2SeqConfig", self.d_model, self.n_head, self.n_head)
-        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"Seq2SeqConfig: `{name}` must be one of {', '.join(allowed)}, got "
-                                 f"{getattr(self, name)!r}")
+        require_one_of(self, dict(norm=NORMS, activation=ACTIVATIONS))
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(f"Seq2SeqConfig: `share_embeddings` needs one vocabulary, but src_vocab_size is "
                              f"{self.src_vocab_size} and tgt_vocab_size {self.tgt_vocab_size}")

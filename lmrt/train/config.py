@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmrt._settings import require_at_least, require_one_of
+
 MODELS = ("gpt", "seq2seq", "lstm")
 TOKENIZERS = ("byte", "bpe")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -59,17 +61,11 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self):
-        for name, allowed in (("model", MODELS), ("tokenizer", TOKENIZERS), ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainConfig: `{name}` must be one of {', '.join(allowed)}, got "
-                                 f"{getattr(self, name)!r}")
-        for name in ("context_length", "batch_size", "gradient_accumulation", "max_steps", "eval_interval",
-                     "eval_batches", "sample_interval", "checkpoint_interval", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: `{name}` must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_tokens", "bpe_vocab_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig: `{name}` must be >= 0, got {getattr(self, name)}")
+        require_one_of(self, dict(model=MODELS, tokenizer=TOKENIZERS, precision=PRECISIONS))
+        require_at_least(self, 1, ("context_length", "batch_size", "gradient_accumulation", "max_steps",
+                                   "eval_interval", "eval_batches", "sample_interval", "checkpoint_interval",
+                                   "keep_last"))
+        require_at_least(self, 0, ("warmup_steps", "sample_tokens", "bpe_vocab_size"))
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"TrainConfig: `validation_fraction` must be in (0, 1), got {self.validation_fraction}")
         if not 0.0 <= self.min_learning_rate <= self.learning_rate:

@@ -82,18 +82,43 @@ class Trainer:
     """Trains the model `config` describes; `resume=True` continues from the latest checkpoint in its out_dir."""
 
     def __init__(self, config: TrainConfig, on_event: Event | None = None, resume: bool = False):
+        checkpoint, checkpoint_path = _latest_checkpoint(config.out_dir) if resume else (None, None)
+        if checkpoint is not None:
+            _check_resumable(config, checkpoint["state"]["config"], checkpoint_path)
+        self._set_up(config, on_event, checkpoint, checkpoint_path)
+
+    @classmethod
+    def continue_run(cls, out_dir: str | Path, changes: dict | None = None, on_event: Event | None = None) -> Trainer:
+        """The run in `out_dir`, from its latest checkpoint and with the config saved there, changed by `changes`
+        (settings of RESUMABLE_CHANGES only). Reads the checkpoint once."""
+        changes = dict(changes or {})
+        refused = sorted(set(changes) - RESUMABLE_CHANGES)
+        if refused:
+            raise ValueError(f"a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}; not "
+                             f"{refused[0]}")
+        checkpoint, path = _latest_checkpoint(out_dir)
+        config = TrainConfig.from_dict({**checkpoint["state"]["config"], **changes})
+        trainer = cls.__new__(cls)
+        trainer._set_up(config, on_event, checkpoint, path)
+        return trainer
+
+    def _set_up(self, config: TrainConfig, on_event: Event | None, checkpoint: dict | None,
+                checkpoint_path: Path | None) -> None:
         self.on_event = on_event or (lambda name, data: None)
         self.rank, self.world_size = _init_distributed()
         self.out_dir = Path(config.out_dir)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.keep_last)
-        checkpoint, checkpoint_path = self._latest_checkpoint(config) if resume else (None, None)
         self.config = config
         self.device = _resolve_device(config.device, self.rank)
         self.amp_dtype = _resolve_precision(config.precision, self.device)
+        self._peak_flops = next((flops for name, flops in PEAK_FLOPS.items() if self.device.type == "cuda"
+                                 and name in torch.cuda.get_device_name(self.device)), None)
         torch.manual_seed(config.seed)
+        text = _read_text(config)
         self.tokenizer = (tokenizer_from_dict(checkpoint["state"]["tokenizer"]) if checkpoint
-                          else _make_tokenizer(config))
-        train_tokens, validation_tokens = split_tokens(_read_tokens(config, self.tokenizer), config.validation_fraction)
+                          else _make_tokenizer(config, text))
+        train_tokens, validation_tokens = split_tokens(_tokens(config, text, self.tokenizer),
+                                                       config.validation_fraction)
         self.train_data = self._dataset(train_tokens)
         self.validation_data = self._dataset(validation_tokens)
         self.model = _build_model(config, self.tokenizer).to(self.device)
@@ -111,21 +136,6 @@ class Trainer:
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ----------------------------------------------------------------------------------------------------- set-up
-    def _latest_checkpoint(self, config: TrainConfig) -> tuple[dict, Path]:
-        path = self.checkpoints.latest()
-        if path is None:
-            raise CheckpointError(f"cannot resume: no checkpoint in {self.checkpoints.directory}")
-        checkpoint = load_checkpoint(path)
-        saved = checkpoint["state"].get("config", {})
-        changed = sorted(name for name, value in config.to_dict().items()
-                         if name not in RESUMABLE_CHANGES and saved.get(name) != value)
-        if changed:
-            name = changed[0]
-            raise CheckpointError(f"cannot resume from {path}: it was trained with {name}={saved.get(name)!r}, the "
-                                  f"config now says {getattr(config, name)!r} (a resumed run may change only "
-                                  f"{', '.join(sorted(RESUMABLE_CHANGES))})")
-        return checkpoint, path
-
     def _dataset(self, tokens):
         if self.config.model == "seq2seq":
             half = self.config.context_length // 2
@@ -161,14 +171,15 @@ class Trainer:
                 self.train_data.set_epoch(epoch)
             indices = list(sampler)
             while position + size <= len(indices):
-                batch = self._collate([self.train_data[i] for i in indices[position: position + size]])
+                batch = self._collate(self.train_data, [self.train_data[i] for i in indices[position: position + size]])
                 position += size
                 yield batch, epoch, position
             epoch, position = epoch + 1, 0
 
-    def _collate(self, items: list) -> tuple:
-        if isinstance(self.train_data, Seq2SeqPairs):
-            return tuple(t.to(self.device) for t in self.train_data.collate(items))
+    def _collate(self, data, items: list) -> tuple:
+        """A batch of `items` of dataset `data`, on the device."""
+        if isinstance(data, Seq2SeqPairs):
+            return tuple(t.to(self.device) for t in data.collate(items))
         return tuple(torch.stack(column).to(self.device) for column in zip(*items, strict=True))
 
     # ------------------------------------------------------------------------------------------------------- loop
@@ -283,10 +294,8 @@ class Trainer:
         self.train_seconds += seconds
         metrics = {"loss": loss_value, "lr": lr, "tokens_per_second": tokens / seconds, "tokens": self.tokens_seen,
                    "seconds": self.train_seconds}
-        peak = next((flops for name, flops in PEAK_FLOPS.items()
-                     if self.device.type == "cuda" and name in torch.cuda.get_device_name(self.device)), None)
-        if peak is not None and isinstance(self.model, GPT):
-            metrics["mfu"] = self.model.estimate_mfu(tokens / seconds / self.world_size, peak)
+        if self._peak_flops is not None and isinstance(self.model, GPT):
+            metrics["mfu"] = self.model.estimate_mfu(tokens / seconds / self.world_size, self._peak_flops)
         return loss_value, metrics
 
     def _autocast(self):
@@ -303,9 +312,7 @@ class Trainer:
         end = len(data) if batches is None else min(len(data), size * batches)
         losses = []
         for start in range(0, end, size):
-            items = [data[i] for i in range(start, min(start + size, end))]
-            batch = (tuple(t.to(self.device) for t in data.collate(items)) if isinstance(data, Seq2SeqPairs)
-                     else tuple(torch.stack(c).to(self.device) for c in zip(*items, strict=True)))
+            batch = self._collate(data, [data[i] for i in range(start, min(start + size, end))])
             with self._autocast():
                 losses.append(self.model(*batch)[1].float().item())
         return sum(losses) / len(losses)
@@ -388,6 +395,25 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_rank(), world_size
 
 
+def _latest_checkpoint(out_dir: str | Path) -> tuple[dict, Path]:
+    """The latest checkpoint of the run in `out_dir`, loaded, and its path."""
+    path = CheckpointManager(Path(out_dir) / "checkpoints").latest()
+    if path is None:
+        raise CheckpointError(f"cannot resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
+    return load_checkpoint(path), path
+
+
+def _check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
+    """`config` differs from the `saved` one only in what a resumed run may change."""
+    changed = sorted(name for name, value in config.to_dict().items()
+                     if name not in RESUMABLE_CHANGES and saved.get(name) != value)
+    if changed:
+        name = changed[0]
+        raise CheckpointError(f"cannot resume from {path}: it was trained with {name}={saved.get(name)!r}, the "
+                              f"config now says {getattr(config, name)!r} (a resumed run may change only "
+                              f"{', '.join(sorted(RESUMABLE_CHANGES))})")
+
+
 def _tensorboard_writer(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -418,19 +444,24 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return getattr(torch, precision)
 
 
-def _make_tokenizer(config: TrainConfig) -> Tokenizer:
+def _read_text(config: TrainConfig) -> str | None:
+    """The training text, or None when `data` is a .bin file of token ids."""
+    if config.data is not None and config.data.endswith(".bin"):
+        return None
+    return default_corpus() if config.data is None else read_text(config.data)
+
+
+def _make_tokenizer(config: TrainConfig, text: str | None) -> Tokenizer:
     if config.tokenizer == "byte":
         return ByteTokenizer()
-    if config.data is not None and config.data.endswith(".bin"):
+    if text is None:
         raise ValueError("a .bin file is already tokenized: train with tokenizer=byte, the ids it was written with")
-    text = default_corpus() if config.data is None else read_text(config.data)
     return BPETokenizer.train([text], config.bpe_vocab_size)
 
 
-def _read_tokens(config: TrainConfig, tokenizer: Tokenizer):
-    if config.data is not None and config.data.endswith(".bin"):
+def _tokens(config: TrainConfig, text: str | None, tokenizer: Tokenizer):
+    if text is None:
         return read_token_file(config.data, tokenizer.vocab_size)
-    text = default_corpus() if config.data is None else read_text(config.data)
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
