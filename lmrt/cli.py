@@ -1,6 +1,7 @@
-"""The `lmrt` command line (also `python -m lmrt`): train, eval, generate, bench, info.
+"""The `lmrt` command line (also `python -m lmrt`): train, tokenize, eval, generate, bench, info.
 
     lmrt train --preset tiny                       # GPT on the embedded corpus, on this machine's CPU or GPU
+    lmrt tokenize --data my_texts/ --tokenizer bpe --out my_texts.bin   # then: lmrt train --data my_texts.bin
     lmrt train --model lstm --data my_texts/ --out runs/lstm --set batch_size=32 learning_rate=3e-3
     lmrt train --out runs/tiny --resume            # continue the latest checkpoint
     lmrt eval --run runs/tiny                      # validation loss and perplexity
@@ -23,13 +24,16 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import lmrt
 from lmrt import backends
+from lmrt.data import load_tokenizer, write_token_file
+from lmrt.data.token_file import tokenizer_path
 from lmrt.train.checkpoint import CheckpointError, CheckpointManager
-from lmrt.train.config import MODELS, TrainConfig, read_settings
+from lmrt.train.config import MODELS, TOKENIZERS, TrainConfig, read_settings
 from lmrt.train.presets import PRESETS, preset_settings
-from lmrt.train.trainer import RESUMABLE_CHANGES, NonFiniteLossError, Trainer
+from lmrt.train.trainer import RESUMABLE_CHANGES, NonFiniteLossError, Trainer, corpus_tokens
 
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImportError, NonFiniteLossError, OSError)
 BENCHMARKS = ("bench_norms", "bench_attention")
@@ -58,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override settings")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tokenize = _command(commands, "tokenize", _tokenize,
+                        "pre-tokenize text into a .bin token file (with its tokenizer beside it) for lmrt train --data")
+    tokenize.add_argument("--data", help="a text file or a folder of text files (default: the embedded corpus)")
+    tokenize.add_argument("--out", required=True, help="the .bin file to write; its tokenizer goes beside it, "
+                                                       "NAME.tokenizer.json")
+    tokenize.add_argument("--tokenizer", choices=TOKENIZERS, default=TrainConfig.tokenizer)
+    tokenize.add_argument("--bpe-vocab-size", type=int, default=TrainConfig.bpe_vocab_size,
+                          help="the BPE vocabulary's size, as train's bpe_vocab_size (default: %(default)s)")
 
     evaluate = _command(commands, "eval", _eval, "validation loss and perplexity of a trained run")
     evaluate.add_argument("--run", required=True, help="the run's folder")
@@ -101,19 +114,47 @@ def _train_config(args) -> TrainConfig:
     if args.out:
         values["out_dir"] = args.out
     values.setdefault("out_dir", f"runs/{values.get('preset') or values.get('model', 'gpt')}")
-    return TrainConfig.from_dict(values).with_overrides(args.set)
+    config = TrainConfig.from_dict(values).with_overrides(args.set)
+    if config.data is not None and config.data.endswith(".bin") and tokenizer_path(config.data).is_file():
+        # The ids of a .bin file are its tokenizer's (lmrt tokenize writes it beside the file), whatever a preset,
+        # config file or override says.
+        config = config.with_overrides([f"tokenizer={load_tokenizer(tokenizer_path(config.data)).kind}"])
+    return config
 
 
 def _train(args) -> int:
     reporter = _ConsoleReporter(progress=not args.quiet)
-    if args.resume:
-        # The saved config, changed only in the resumable settings this invocation gives (those off their default).
-        config, defaults = _train_config(args).to_dict(), TrainConfig().to_dict()
-        changes = {k: v for k, v in config.items() if k in RESUMABLE_CHANGES and v != defaults[k]}
-        trainer = Trainer.continue_run(config["out_dir"], changes, on_event=reporter)
-    else:
-        trainer = Trainer(_train_config(args), on_event=reporter)
-    return 130 if trainer.run().interrupted else 0
+    config = _train_config(args)
+    try:
+        if args.resume:
+            # The saved config, changed only in the resumable settings this invocation gives (those off their
+            # default).
+            defaults = TrainConfig().to_dict()
+            changes = {k: v for k, v in config.to_dict().items() if k in RESUMABLE_CHANGES and v != defaults[k]}
+            trainer = Trainer.continue_run(config.out_dir, changes, on_event=reporter)
+        else:
+            trainer = Trainer(config, on_event=reporter)
+        return 130 if trainer.run().interrupted else 0
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _tokenize(args) -> int:
+    out = Path(args.out)
+    if not out.name.endswith(".bin"):
+        raise ValueError(f"--out {out} must end in .bin: lmrt train --data reads a .bin file as token ids")
+    # What lmrt train does with the same settings, so that training on the .bin is training on the text.
+    if args.data is not None and args.data.endswith(".bin"):
+        raise ValueError(f"{args.data} is already a token file; --data takes a text file or a folder of text files")
+    tokenizer, tokens = corpus_tokens(TrainConfig(data=args.data, tokenizer=args.tokenizer,
+                                                  bpe_vocab_size=args.bpe_vocab_size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_token_file(out, tokens, tokenizer.vocab_size)
+    tokenizer.save(tokenizer_path(out))
+    print(f"lmrt tokenize: {len(tokens):,} tokens written to {out}; tokenizer {tokenizer.kind} "
+          f"({tokenizer.vocab_size} ids) in {tokenizer_path(out)}")
+    return 0
 
 
 def _trainer_of_run(run: str) -> Trainer:

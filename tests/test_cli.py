@@ -1,14 +1,26 @@
 import json
+import math
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmrt.cli import main
+from lmrt.data import default_corpus, load_tokenizer, read_token_file
 
 TINY = ["model_options={\"n_layer\": 1, \"n_head\": 2, \"n_embd\": 32}", "context_length=32", "batch_size=8",
         "max_steps=8", "warmup_steps=2", "eval_interval=4", "eval_batches=2", "sample_interval=8", "sample_tokens=8",
         "checkpoint_interval=4", "device=cpu"]
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_second", "seconds")} for r in records]
 
 
 def test_train_eval_generate(tmp_path, capsys):
@@ -37,14 +49,69 @@ def test_config_file_and_preset(tmp_path, capsys):
     assert "lstm, 0.0" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_tokenize_then_train_on_the_bin(tmp_path, capsys, tokenizer):
+    """`lmrt tokenize` writes the token file and its tokenizer beside it; `lmrt train --data` on the .bin trains with
+    that tokenizer (whatever the tokenizer setting says) exactly as on the text it came from."""
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(default_corpus()[:60_000], encoding="utf-8")
+    token_file, tokenizer_file = tmp_path / "tokens" / "corpus.bin", tmp_path / "tokens" / "corpus.tokenizer.json"
+    assert main(["tokenize", "--data", str(texts), "--out", str(token_file), "--tokenizer", tokenizer,
+                 "--bpe-vocab-size", "320"]) == 0
+    saved = load_tokenizer(tokenizer_file)
+    tokens = read_token_file(token_file, saved.vocab_size)
+    assert saved.kind == tokenizer and len(tokens) == len(saved.encode((texts / "a.txt").read_text()))
+    assert capsys.readouterr().out == (f"lmrt tokenize: {len(tokens):,} tokens written to {token_file}; tokenizer "
+                                       f"{tokenizer} ({saved.vocab_size} ids) in {tokenizer_file}\n")
+
+    settings = ["--quiet", "--set", *TINY, "max_steps=2", "bpe_vocab_size=320"]
+    assert main(["train", "--data", str(texts), "--out", str(tmp_path / "text"), *settings,
+                 f"tokenizer={tokenizer}"]) == 0
+    other = "bpe" if tokenizer == "byte" else "byte"
+    status = main(["train", "--data", str(token_file), "--out", str(tmp_path / "bin"), *settings, f"tokenizer={other}"])
+    assert status == 0, capsys.readouterr().err
+    assert (tmp_path / "bin" / "tokenizer.json").read_text() == tokenizer_file.read_text()
+    assert _untimed(_records(tmp_path / "bin")) == _untimed(_records(tmp_path / "text"))  # the same losses
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch is built without torch.distributed")
+def test_torchrun_two_processes(tmp_path):
+    """The README's several-GPUs command on two CPU processes (gloo): tokenize, then torchrun ... -m lmrt train on
+    the .bin. Rank 0 alone reports and writes: one metrics record per step, its checkpoint; rank 1 prints nothing."""
+    token_file, run = tmp_path / "corpus.bin", tmp_path / "run"
+    assert main(["tokenize", "--out", str(token_file)]) == 0  # the embedded corpus, byte tokens
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "3",
+               "-m", "lmrt", "train", "--data", str(token_file), "--out", str(run), "--quiet",
+               "--set", *TINY, "max_steps=4", "batch_size=4"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()  # --tee 3: each line of a rank's stdout tagged [default<local rank>]:
+    assert lines and all(re.match(r"\[\w*?0\]:", line) for line in lines), result.stdout[-3000:]
+    assert "(float32, 2 processes)" in lines[0] and any("checkpoint " in line for line in lines)
+    records = _records(run)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "validation_loss" in r] == [4]
+    final = [r for r in records if "loss" in r][-1]
+    assert math.isfinite(final["loss"]) and math.isfinite(records[-1]["validation_loss"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "checkpoints.json",
+                                                                       "step-00000004.pt"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--set", "batch_size=0"], "lmrt train: error: TrainConfig: `batch_size` must be >= 1, got 0"),
     (["train", "--data", "/nonexistent/texts"], "lmrt train: error: training text /nonexistent/texts does not exist"),
     (["eval", "--run", "/nonexistent"], "lmrt eval: error: no checkpoint in /nonexistent/checkpoints"),
     (["bench", "bench_everything"], "lmrt bench: error: unknown benchmark 'bench_everything'"),
+    (["tokenize", "--data", "/nonexistent/texts"], "lmrt tokenize: error: training text /nonexistent/texts does not "
+                                                   "exist"),
+    (["tokenize", "--out", "corpus.txt"], "lmrt tokenize: error: --out corpus.txt must end in .bin"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
-    assert main(argv + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])) == 2
+    out = {"train": ["--out", str(tmp_path / "run")], "tokenize": ["--out", str(tmp_path / "corpus.bin")]}
+    assert main(argv + ([] if "--out" in argv else out.get(argv[0], []))) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
 

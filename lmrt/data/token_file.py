@@ -33,6 +33,12 @@ def write_token_file(path: str | Path, ids, vocab_size: int) -> None:
     temporary.replace(path)
 
 
+def tokenizer_path(path: str | Path) -> Path:
+    """Where the tokenizer that wrote token file `path` is kept: beside it, `corpus.bin` -> `corpus.tokenizer.json`
+    (`lmrt tokenize` writes it there, `lmrt train --data corpus.bin` reads it)."""
+    return Path(path).with_suffix(".tokenizer.json")
+
+
 def read_token_file(path: str | Path, vocab_size: int | None = None) -> np.memmap:
     """The token ids of `path` as a read-only memory-mapped 1-D array. With `vocab_size`, checks that the file was
     written for that vocabulary and that every id fits it (the tokenizer must cover the corpus)."""

@@ -38,11 +38,13 @@ from lmrt.data import (
     Seq2SeqPairs,
     Tokenizer,
     default_corpus,
+    load_tokenizer,
     read_text,
     read_token_file,
     split_tokens,
     tokenizer_from_dict,
 )
+from lmrt.data.token_file import tokenizer_path
 from lmrt.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, Seq2SeqConfig, Seq2SeqTransformer
 from lmrt.train.checkpoint import (
     CheckpointError,
@@ -105,7 +107,7 @@ class Trainer:
     def _set_up(self, config: TrainConfig, on_event: Event | None, checkpoint: dict | None,
                 checkpoint_path: Path | None) -> None:
         self.on_event = on_event or (lambda name, data: None)
-        self.rank, self.world_size = _init_distributed()
+        self.rank, self.world_size = _init_distributed(config.device)
         self.out_dir = Path(config.out_dir)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.keep_last)
         self.config = config
@@ -114,11 +116,9 @@ class Trainer:
         self._peak_flops = next((flops for name, flops in PEAK_FLOPS.items() if self.device.type == "cuda"
                                  and name in torch.cuda.get_device_name(self.device)), None)
         torch.manual_seed(config.seed)
-        text = _read_text(config)
-        self.tokenizer = (tokenizer_from_dict(checkpoint["state"]["tokenizer"]) if checkpoint
-                          else _make_tokenizer(config, text))
-        train_tokens, validation_tokens = split_tokens(_tokens(config, text, self.tokenizer),
-                                                       config.validation_fraction)
+        saved_tokenizer = tokenizer_from_dict(checkpoint["state"]["tokenizer"]) if checkpoint else None
+        self.tokenizer, tokens = corpus_tokens(config, saved_tokenizer)
+        train_tokens, validation_tokens = split_tokens(tokens, config.validation_fraction)
         self.train_data = self._dataset(train_tokens)
         self.validation_data = self._dataset(validation_tokens)
         self.model = _build_model(config, self.tokenizer).to(self.device)
@@ -385,13 +385,15 @@ class Trainer:
                     self._tensorboard.add_scalar(name, value, record["step"])
 
 
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size): torchrun's, with the process group set up (NCCL on GPUs, gloo on CPUs), or (0, 1)."""
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): torchrun's, with the process group set up (NCCL for a run on GPUs, gloo for one on CPUs,
+    even where GPUs are present), or (0, 1)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1
+    on_gpus = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if on_gpus else "gloo")
     return dist.get_rank(), world_size
 
 
@@ -444,6 +446,17 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return getattr(torch, precision)
 
 
+def corpus_tokens(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, torch.Tensor]:
+    """The tokenizer and the token ids of the run's corpus (`data`, else the embedded default corpus).
+
+    The tokenizer is `tokenizer` if given (a resumed run's), else the one saved beside a .bin file, else a new one
+    of the configured kind (a BPE is trained on the text). A .bin file's ids are memory-mapped, not read.
+    """
+    text = _read_text(config)
+    tokenizer = tokenizer if tokenizer is not None else _make_tokenizer(config, text)
+    return tokenizer, _tokens(config, text, tokenizer)
+
+
 def _read_text(config: TrainConfig) -> str | None:
     """The training text, or None when `data` is a .bin file of token ids."""
     if config.data is not None and config.data.endswith(".bin"):
@@ -452,10 +465,16 @@ def _read_text(config: TrainConfig) -> str | None:
 
 
 def _make_tokenizer(config: TrainConfig, text: str | None) -> Tokenizer:
+    if text is None:  # a .bin file: the tokenizer that wrote it, saved beside it by `lmrt tokenize`
+        path = tokenizer_path(config.data)
+        if path.is_file():
+            return load_tokenizer(path)
+        if config.tokenizer == "byte":
+            return ByteTokenizer()
+        raise ValueError(f"{config.data} is already tokenized and has no tokenizer file {path} beside it: write it "
+                         f"with lmrt tokenize, or train with tokenizer=byte if it holds byte ids")
     if config.tokenizer == "byte":
         return ByteTokenizer()
-    if text is None:
-        raise ValueError("a .bin file is already tokenized: train with tokenizer=byte, the ids it was written with")
     return BPETokenizer.train([text], config.bpe_vocab_size)
 
 

@@ -161,3 +161,18 @@ def test_compiled_training_matches_eager(tmp_path):
     trainer.run()
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_process_group_backend_follows_the_device(monkeypatch):
+    """Under torchrun, a run on GPUs joins NCCL and a run on CPUs gloo, even on a machine with GPUs."""
+    from lmrt.train import trainer
+
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", backends.append)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    for device in ("cpu", "auto", "cuda", "cuda:1"):
+        trainer._init_distributed(device)
+    assert backends == ["gloo", "nccl", "nccl", "nccl"]
