@@ -3,9 +3,14 @@
 The Triton kernels live in the top-level folder kernels/ and are installed as the subpackage lmrt.kernels,
 never as a top-level module `kernels` (that name belongs to the Hugging Face package transformers imports).
 
-lmrt._C is built from csrc/ when csrc/ holds C++ sources; that build needs torch importable here, so build
-with `pip install --no-build-isolation .`. Without sources, or without torch, the pure-Python package is
-built and works on the backends that need no extension.
+lmrt._C is built from csrc/ with ninja: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is
+found. The build needs torch importable here, so install with `pip install --no-build-isolation .`. Settings:
+- LMRT_BUILD_CUDA=0|1 forces the CUDA kernels off or on (on fails clearly without a CUDA torch or nvcc);
+- TORCH_CUDA_ARCH_LIST picks the GPU targets (default: the GPUs present, else "8.0;9.0a");
+- MAX_JOBS bounds the parallel compile jobs;
+- LMRT_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 picks the x86 vector instructions of the CPU kernels (default: what torch
+  finds on this machine, as the extension is built where it runs; DEFAULT gives a portable build).
+A failed or skipped build leaves a package that imports and runs on its other backends; `lmrt info` says why.
 """
 
 import os
@@ -15,25 +20,89 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
+# Compiler flags per CPU capability: what at::vec's Vectorized types need to use those registers, and the macros
+# that select their implementation (as torch's own CPU kernels are built once per capability).
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def _cpu_capability_flags(torch) -> list[str]:
+    capability = os.environ.get("LMRT_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
+    if capability not in CPU_CAPABILITY_FLAGS:
+        if "LMRT_CPU_CAPABILITY" in os.environ:
+            raise ValueError(f"LMRT_CPU_CAPABILITY={capability!r}; expected one of {', '.join(CPU_CAPABILITY_FLAGS)}")
+        capability = "DEFAULT"  # a capability of another architecture (ARM's SVE, say): the compiler's defaults
+    print(f"lmrt: building the CPU kernels for CPU capability {capability}")
+    return CPU_CAPABILITY_FLAGS[capability]
+
+
+def _with_cuda(torch, cpp_extension) -> bool:
+    forced = os.environ.get("LMRT_BUILD_CUDA")
+    if forced not in (None, "", "0", "1"):
+        raise ValueError(f"LMRT_BUILD_CUDA={forced!r}; expected 0 or 1")
+    missing = [why for why, absent in (("torch was built without CUDA", torch.version.cuda is None),
+                                       ("nvcc was not found (set CUDA_HOME)", cpp_extension.CUDA_HOME is None))
+               if absent]
+    if forced == "1" and missing:
+        raise RuntimeError(f"LMRT_BUILD_CUDA=1 but {' and '.join(missing)}")
+    if forced == "0" or missing:
+        why = "LMRT_BUILD_CUDA=0" if forced == "0" else missing[0]
+        print(f"lmrt: building lmrt._C without its CUDA kernels ({why})")
+        return False
+    return True
+
+
+def _default_cuda_arch_list(torch) -> str:
+    if torch.cuda.is_available():
+        capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}{'a' if major >= 9 else ''}" for major, minor in sorted(capabilities))
+    return "8.0;9.0a"
+
 
 def _extension_build():
-    """Return (ext_modules, cmdclass) for lmrt._C, or empty ones when there is nothing to build."""
+    """Return (ext_modules, cmdclass) for lmrt._C, or empty ones when it cannot be built here."""
     cpp_sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/**/*.cpp"))
     if not cpp_sources:
         return [], {}
     try:
+        import torch
         from torch.utils import cpp_extension
     except ImportError:
         print("lmrt: torch is not importable in the build environment; building without lmrt._C "
               "(install with --no-build-isolation to build it)")
         return [], {}
-    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/**/*.cu"))
-    with_cuda = os.environ.get("LMRT_BUILD_CUDA", "1" if cpp_extension.CUDA_HOME else "0") == "1"
-    if with_cuda and cuda_sources:
-        extension = cpp_extension.CUDAExtension("lmrt._C", cpp_sources + cuda_sources)
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """Builds lmrt._C, or warns and leaves it out when the compile fails: lmrt works without it."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # a compiler error of any kind; the package stays usable
+                print(f"lmrt: WARNING: building {ext.name} failed, so the cpp and cuda backends are unavailable: "
+                      f"{error}")
+                # Nothing to install for it: the install steps that copy built extensions skip it.
+                self.extensions = [other for other in self.extensions if other is not ext]
+
+    cxx_flags = ["-O3", "-fopenmp", *_cpu_capability_flags(torch)]
+    link_flags = ["-fopenmp"]
+    if _with_cuda(torch, cpp_extension):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_cuda_arch_list(torch))
+        cuda_sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/cuda/*.cu"))
+        extension = cpp_extension.CUDAExtension(
+            "lmrt._C", cpp_sources + cuda_sources,
+            define_macros=[("LMRT_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=link_flags,
+        )
     else:
-        extension = cpp_extension.CppExtension("lmrt._C", cpp_sources)
-    return [extension], {"build_ext": cpp_extension.BuildExtension}
+        extension = cpp_extension.CppExtension("lmrt._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                                               extra_link_args=link_flags)
+    return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extension_build()

@@ -73,11 +73,16 @@ def triton_interpreter_enabled() -> bool:
 def extension_status() -> tuple[bool, bool, str]:
     """(cpp built, cuda built, why not) for the extension lmrt._C."""
     try:
-        from lmrt import _C
+        import lmrt._C  # noqa: F401  (loading the library registers torch.ops.lmrt_C)
     except ImportError as error:
-        return False, False, f"lmrt._C is not built ({error})"
-    with_cuda = bool(getattr(_C, "WITH_CUDA", False))
-    return True, with_cuda, "" if with_cuda else "lmrt._C was built without CUDA"
+        return False, False, (f"lmrt._C is not built ({error}); reinstall with `pip install --no-build-isolation "
+                              "-e .` and read its build log")
+    if torch.ops.lmrt_C.built_with_cuda():
+        return True, True, ""
+    if torch.version.cuda is None:
+        return True, False, f"lmrt._C was built without CUDA kernels: torch {torch.__version__} has no CUDA"
+    return True, False, ("lmrt._C was built without CUDA kernels (nvcc was not found, or LMRT_BUILD_CUDA=0); "
+                         "reinstall with `pip install --no-build-isolation -e .` where nvcc is on the PATH")
 
 
 def unavailable_reason(name: str, device_type: str) -> str | None:

@@ -12,9 +12,25 @@ os.environ.setdefault("LMRT_AUTOTUNE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lmrt import backends  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The norms and softmax use no tl.dot, so the interpreter runs bfloat16 too.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _backend_params() -> list:
+    """Every backend that runs DEVICE's tensors, the reference last; one this process lacks is skipped, saying why
+    (tests/test_backends.py checks that the extension's are built wherever a compiler is)."""
+    names = [name for name in backends.BACKENDS if name != ("cpp" if DEVICE == "cuda" else "cuda")]
+    return [pytest.param(name, marks=pytest.mark.skip(reason=f"backend {name}: {why}"))
+            if (why := backends.unavailable_reason(name, DEVICE)) else name for name in names]
+
+
+# The backends an op test runs on: triton, cpp (CPU) or cuda (GPU), torch.
+BACKENDS = _backend_params()
+# The backends of the extension lmrt._C, whose attention has no dropout, packed sequences or mask gradient.
+EXTENSION_BACKENDS = ("cpp", "cuda")
 
 
 def pytest_collection_modifyitems(config, items):

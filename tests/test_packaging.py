@@ -47,6 +47,7 @@ def test_from_built_wheel(tmp_path):
     (wheel,) = tmp_path.glob("lmrt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "lmrt/kernels/__init__.py" in names and "lmrt/kernels/layer_norm.py" in names
+    assert [name for name in names if name.startswith("lmrt/_C.") and name.endswith(".so")], "no lmrt._C in the wheel"
     assert not [name for name in names if name.startswith("kernels/")], "a top-level `kernels` would be installed"
 
     site = tmp_path / "site"

@@ -28,7 +28,14 @@ def pick_backend(
             return f"its kernels take float32, float16 and bfloat16, not {unsupported_dtypes[0]}"
         return limits(name) if limits is not None else None
 
-    return backends.select(op, device, ("triton", "torch"), unsupported)
+    return backends.select(op, device, backends.BACKENDS, unsupported)
+
+
+def extension_ops():
+    """The operators of the extension lmrt._C (torch.ops.lmrt_C), which serve the cpp and cuda backends."""
+    import lmrt._C  # noqa: F401  (loading the library registers the operators)
+
+    return torch.ops.lmrt_C
 
 
 def unit_column_stride(rows: torch.Tensor) -> torch.Tensor:

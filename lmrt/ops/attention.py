@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lmrt import reference
 from lmrt.ops._checks import check_floating
-from lmrt.ops._dispatch import pick_backend
+from lmrt.ops._dispatch import extension_ops, pick_backend
 
 # The largest head dim the Triton kernels take; larger ones fall back to the reference (or raise, when the
 # triton backend was chosen explicitly).
@@ -117,11 +117,21 @@ def draw_seed(device: torch.device, dropout_p: float) -> Tensor | None:
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
-def _backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str:
+def _backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, packed: bool,
+             mask_grad: bool = False) -> str:
     def limits(name: str) -> str | None:
         head_dim = max(q.shape[-1], v.shape[-1])
         if name == "triton" and head_dim > MAX_HEAD_DIM:
             return f"its kernels take head dims up to {MAX_HEAD_DIM}, not {head_dim}"
+        if name in ("cpp", "cuda"):
+            if dropout_p > 0:
+                return "its attention kernels have no dropout"
+            if packed:
+                return "its attention kernels take no packed sequences (cu_seqlens)"
+            if mask_grad:
+                return "its attention kernels give no gradient for attn_mask"
+        if name == "cuda":
+            return extension_ops().cuda_attention_unsupported(q.shape[-1], v.shape[-1]) or None
         return None
 
     dtypes = [q.dtype, k.dtype, v.dtype] + ([attn_mask.dtype] if attn_mask is not None and
@@ -153,10 +163,13 @@ def attention_fwd(
     """(output, float32 log-sum-exp per query row); see kernels/attention.py's `attention_fwd`."""
     args = (q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, causal,
             bottom_right, scale)
-    if _backend(q, k, v, attn_mask) == "triton":
+    backend = _backend(q, k, v, attn_mask, dropout_p, cu_seqlens_q is not None)
+    if backend == "triton":
         from lmrt.kernels.attention import attention_fwd as triton_attention_fwd
 
         return triton_attention_fwd(*args, heads_first_out)
+    if backend in ("cpp", "cuda"):
+        return extension_ops().attention_fwd(q, k, v, attn_mask, causal, bottom_right, scale, heads_first_out)
     out, lse = reference.attention_fwd(*args)
     return _output_layout(out, heads_first_out), lse
 
@@ -179,10 +192,15 @@ def attention_bwd(
     `mask_grad`, else an empty tensor."""
     args = (q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed,
             causal, bottom_right, scale)
-    if _backend(q, k, v, attn_mask) == "triton":
+    backend = _backend(q, k, v, attn_mask, dropout_p, cu_seqlens_q is not None, mask_grad)
+    if backend == "triton":
         from lmrt.kernels.attention import attention_bwd as triton_attention_bwd
 
         dq, dk, dv, dmask = triton_attention_bwd(grad_out, *args, mask_grad)
+    elif backend in ("cpp", "cuda"):
+        dq, dk, dv = extension_ops().attention_bwd(grad_out, q, k, v, out, lse, attn_mask, causal, bottom_right,
+                                                   scale)
+        dmask = None
     else:
         grads = reference.attention_bwd(grad_out, *args)
         dq, dk, dv = (_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3], strict=True))

@@ -9,7 +9,7 @@ from torch import Tensor
 from lmrt import reference
 from lmrt._layout import as_rows
 from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
-from lmrt.ops._dispatch import flat_parameter, pick_backend, unit_column_stride
+from lmrt.ops._dispatch import extension_ops, flat_parameter, pick_backend, unit_column_stride
 
 
 def layer_norm(
@@ -33,13 +33,17 @@ def layer_norm_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(output, mean, rstd), mean and rstd with one float32 entry per row (float64 for float64 input)."""
     dtypes = [t.dtype for t in (input, weight, bias) if t is not None]
-    if pick_backend("layer_norm", input.device, dtypes) == "triton":
+    backend = pick_backend("layer_norm", input.device, dtypes)
+    if backend == "torch":
+        return reference.layer_norm_fwd(input, normalized_shape, weight, bias, eps)
+    rows = unit_column_stride(as_rows(input, len(normalized_shape)))
+    if backend == "triton":
         from lmrt.kernels.layer_norm import norm_fwd
 
-        rows = unit_column_stride(as_rows(input, len(normalized_shape)))
         y, mean, rstd = norm_fwd(rows, flat_parameter(weight), flat_parameter(bias), eps, is_rms_norm=False)
-        return y.view(input.shape), mean, rstd
-    return reference.layer_norm_fwd(input, normalized_shape, weight, bias, eps)
+    else:
+        y, mean, rstd = extension_ops().layer_norm_fwd(rows, flat_parameter(weight), flat_parameter(bias), eps)
+    return y.view(input.shape), mean, rstd
 
 
 @layer_norm_fwd.register_fake
@@ -56,20 +60,24 @@ def layer_norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) as aten::native_layer_norm_backward; unasked-for ones are empty."""
     dtypes = [t.dtype for t in (grad_output, input, weight, bias) if t is not None]
-    if pick_backend("layer_norm", input.device, dtypes) == "triton":
+    backend = pick_backend("layer_norm", input.device, dtypes)
+    if backend == "torch":
+        return reference.layer_norm_bwd(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask)
+    ndim = len(normalized_shape)
+    dy_rows, x_rows = unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim))
+    if backend == "triton":
         from lmrt.kernels.layer_norm import norm_bwd
 
-        ndim = len(normalized_shape)
-        dx, dw, db = norm_bwd(
-            unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim)),
-            flat_parameter(weight), mean, rstd, compute_dw=output_mask[1], compute_db=output_mask[2],
-        )
-        return (
-            dx.view(input.shape) if output_mask[0] else input.new_empty(0),
-            dw.to(weight.dtype).view(weight.shape) if output_mask[1] else input.new_empty(0),
-            db.to(bias.dtype).view(bias.shape) if output_mask[2] else input.new_empty(0),
-        )
-    return reference.layer_norm_bwd(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask)
+        dx, dw, db = norm_bwd(dy_rows, x_rows, flat_parameter(weight), mean, rstd, compute_dw=output_mask[1],
+                              compute_db=output_mask[2])
+    else:
+        dx, dw, db = extension_ops().layer_norm_bwd(dy_rows, x_rows, flat_parameter(weight), mean, rstd,
+                                                    list(output_mask))
+    return (
+        dx.view(input.shape) if output_mask[0] else input.new_empty(0),
+        dw.to(weight.dtype).view(weight.shape) if output_mask[1] else input.new_empty(0),
+        db.to(bias.dtype).view(bias.shape) if output_mask[2] else input.new_empty(0),
+    )
 
 
 @layer_norm_bwd.register_fake

@@ -9,7 +9,7 @@ from torch import Tensor
 from lmrt import reference
 from lmrt._layout import as_rows
 from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
-from lmrt.ops._dispatch import flat_parameter, pick_backend, unit_column_stride
+from lmrt.ops._dispatch import extension_ops, flat_parameter, pick_backend, unit_column_stride
 
 
 def rms_norm(
@@ -36,13 +36,17 @@ def rms_norm_fwd(
 ) -> tuple[Tensor, Tensor]:
     """(output, rstd), rstd with one float32 entry per row (float64 for float64 input)."""
     dtypes = [t.dtype for t in (input, weight) if t is not None]
-    if pick_backend("rms_norm", input.device, dtypes) == "triton":
+    backend = pick_backend("rms_norm", input.device, dtypes)
+    if backend == "torch":
+        return reference.rms_norm_fwd(input, normalized_shape, weight, eps)
+    rows = unit_column_stride(as_rows(input, len(normalized_shape)))
+    if backend == "triton":
         from lmrt.kernels.layer_norm import norm_fwd
 
-        rows = unit_column_stride(as_rows(input, len(normalized_shape)))
         y, _, rstd = norm_fwd(rows, flat_parameter(weight), None, eps, is_rms_norm=True)
-        return y.view(input.shape), rstd
-    return reference.rms_norm_fwd(input, normalized_shape, weight, eps)
+    else:
+        y, rstd = extension_ops().rms_norm_fwd(rows, flat_parameter(weight), eps)
+    return y.view(input.shape), rstd
 
 
 @rms_norm_fwd.register_fake
@@ -58,19 +62,22 @@ def rms_norm_bwd(
 ) -> tuple[Tensor, Tensor]:
     """(grad_input, grad_weight); a gradient that `output_mask` does not ask for is empty."""
     dtypes = [t.dtype for t in (grad_output, input, weight) if t is not None]
-    if pick_backend("rms_norm", input.device, dtypes) == "triton":
+    backend = pick_backend("rms_norm", input.device, dtypes)
+    if backend == "torch":
+        return reference.rms_norm_bwd(grad_output, input, normalized_shape, rstd, weight, output_mask)
+    ndim = len(normalized_shape)
+    dy_rows, x_rows = unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim))
+    if backend == "triton":
         from lmrt.kernels.layer_norm import norm_bwd
 
-        ndim = len(normalized_shape)
-        dx, dw, _ = norm_bwd(
-            unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim)),
-            flat_parameter(weight), None, rstd, compute_dw=output_mask[1], compute_db=False,
-        )
-        return (
-            dx.view(input.shape) if output_mask[0] else input.new_empty(0),
-            dw.to(weight.dtype).view(weight.shape) if output_mask[1] else input.new_empty(0),
-        )
-    return reference.rms_norm_bwd(grad_output, input, normalized_shape, rstd, weight, output_mask)
+        dx, dw, _ = norm_bwd(dy_rows, x_rows, flat_parameter(weight), None, rstd, compute_dw=output_mask[1],
+                             compute_db=False)
+    else:
+        dx, dw = extension_ops().rms_norm_bwd(dy_rows, x_rows, flat_parameter(weight), rstd, list(output_mask))
+    return (
+        dx.view(input.shape) if output_mask[0] else input.new_empty(0),
+        dw.to(weight.dtype).view(weight.shape) if output_mask[1] else input.new_empty(0),
+    )
 
 
 @rms_norm_bwd.register_fake

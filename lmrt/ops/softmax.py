@@ -1,5 +1,6 @@
 """lmrt.ops.softmax and lmrt.ops.log_softmax: the torch.nn.functional calls on lmrt's backends."""
 
+import math
 
 import torch
 from torch import Tensor
@@ -7,7 +8,7 @@ from torch import Tensor
 from lmrt import reference
 from lmrt._layout import as_outer_dim_inner
 from lmrt.ops._checks import check_dim, check_floating
-from lmrt.ops._dispatch import pick_backend
+from lmrt.ops._dispatch import extension_ops, pick_backend, unit_column_stride
 
 
 def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -39,10 +40,14 @@ def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> T
 @torch.library.custom_op("lmrt::softmax_fwd", mutates_args=())
 def softmax_fwd(input: Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> Tensor:
     """Softmax, or log-softmax when `log`, of `input` over `dim`, written contiguous in `out_dtype`."""
-    if pick_backend(_op_name(log), input.device, (input.dtype, out_dtype)) == "triton":
+    backend = pick_backend(_op_name(log), input.device, (input.dtype, out_dtype))
+    if backend == "triton":
         from lmrt.kernels.softmax import softmax_fwd as triton_softmax_fwd
 
         return triton_softmax_fwd(as_outer_dim_inner(input, dim), out_dtype, log).view(input.shape)
+    if backend in ("cpp", "cuda"):
+        y = extension_ops().softmax_fwd(unit_column_stride(_dim_last_rows(input, dim)), out_dtype, log)
+        return _from_dim_last_rows(y, input.shape, dim)
     return reference.softmax_fwd(input, dim, out_dtype, log).contiguous()
 
 
@@ -55,12 +60,29 @@ def _(input, dim, out_dtype, log):
 def softmax_bwd(grad_output: Tensor, output: Tensor, dim: int, log: bool, input_dtype: torch.dtype) -> Tensor:
     """Gradient of `softmax_fwd` with respect to its input, from its output; contiguous, in `input_dtype`."""
     dtypes = (grad_output.dtype, output.dtype, input_dtype)
-    if pick_backend(_op_name(log), output.device, dtypes) == "triton":
+    backend = pick_backend(_op_name(log), output.device, dtypes)
+    if backend == "triton":
         from lmrt.kernels.softmax import softmax_bwd as triton_softmax_bwd
 
         dy, y = as_outer_dim_inner(grad_output, dim), as_outer_dim_inner(output, dim)
         return triton_softmax_bwd(dy, y, input_dtype, log).view(output.shape)
+    if backend in ("cpp", "cuda"):
+        dy, y = (unit_column_stride(_dim_last_rows(t, dim)) for t in (grad_output, output))
+        return _from_dim_last_rows(extension_ops().softmax_bwd(dy, y, input_dtype, log), output.shape, dim)
     return reference.softmax_bwd(grad_output, output, dim, log, input_dtype).contiguous()
+
+
+def _dim_last_rows(x: Tensor, dim: int) -> Tensor:
+    """`x` as (rows, size of `dim`) with `dim` moved last: the layout of the extension's row kernels (a view when
+    `dim` is already last, else a copy)."""
+    moved = x.movedim(dim, -1)
+    return moved.reshape(math.prod(moved.shape[:-1]), x.shape[dim])
+
+
+def _from_dim_last_rows(rows: Tensor, shape: torch.Size, dim: int) -> Tensor:
+    """The contiguous tensor of `shape` whose `dim`, moved last, the (rows, size of `dim`) matrix `rows` holds."""
+    moved_shape = [*shape[:dim], *shape[dim + 1 :], shape[dim]]
+    return rows.view(moved_shape).movedim(-1, dim).contiguous()
 
 
 @softmax_bwd.register_fake

@@ -11,10 +11,9 @@ import torch
 
 import lmrt
 from lmrt.nn import KVCache, LayerKVCache
-from tests.conftest import DEVICE
+from tests.conftest import BACKENDS, DEVICE
 from tests.nn.test_attention import perturb
 
-BACKENDS = ["torch", "triton"]
 BATCH, LENGTH, EMBED = 3, 8, 24
 # Row 0 unpadded, row 1 left-padded (as batched prompts are), row 2 right-padded. A left-padded row's first
 # queries see padding only and give zeros on both paths alike.

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import lmrt
-from tests.conftest import DEVICE
+from tests.conftest import BACKENDS, DEVICE
 
 # The positional modules call no lmrt op today; running them on both backends keeps the check when kernels come.
-BACKENDS = ["torch", "triton"]
 
 
 def rotate_complex(x: torch.Tensor, offset: int = 0, base: float = 10000.0) -> torch.Tensor:

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import lmrt
-from tests.conftest import DEVICE
+from tests.conftest import BACKENDS, DEVICE
 from tests.nn.test_attention import assert_same_results, causal_mask, mha_to_torch, padding_mask, perturb, run
 
-BACKENDS = ["torch", "triton"]
 BATCH, LENGTH, EMBED, HEADS, FFN = 3, 7, 24, 3, 40
 MEMORY_LENGTH = 5
 

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 import lmrt
 from lmrt import backends, reference
 from lmrt.ops.attention import draw_seed
-from tests.conftest import DEVICE, DTYPES
-from tests.ops.test_layer_norm import BACKENDS
+from tests.conftest import BACKENDS, DEVICE, DTYPES, EXTENSION_BACKENDS
 from tests.tolerance import check_against_torch, check_compiled_matches_eager
 
 # (batch, query heads, key/value heads, Lq, Lk, head dim): lengths that are no multiple of a block, query and
@@ -63,20 +62,29 @@ def _qkv(batch, heads, kv_heads, rows, keys, head_dim, dtype, head_dim_v=None, s
             randn(batch, kv_heads, keys, head_dim_v or head_dim))
 
 
+def _skip_without_full_attention(backend, feature):
+    if backend in EXTENSION_BACKENDS:
+        pytest.skip(f"the {backend} backend has no {feature} (test_extension_backends_refuse_what_they_lack)")
+
+
 def _check_sdpa(backend, q, k, v, attn_mask=None, **kwargs):
-    def lmrt_fn(q, k, v, mask=None):
+    # The extension's kernels give no gradient for a float mask: there it is a constant, not an input.
+    constant_mask = backend in EXTENSION_BACKENDS
+
+    def lmrt_fn(q, k, v, mask=attn_mask):
         return lmrt.ops.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, **kwargs)
 
-    def exact_fn(q, k, v, mask=None):
+    def exact_fn(q, k, v, mask=attn_mask):
         return reference.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, **kwargs)
 
-    def torch_fn(q, k, v, mask=None):
+    def torch_fn(q, k, v, mask=attn_mask):
         return attention_in_dtype(q, k, v, mask, **kwargs)
 
     grad_out = torch.randn(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
+    tensors, names = [q, k, v, attn_mask], ["query", "key", "value", "attn_mask"]
     with lmrt.backend(backend):
-        check_against_torch(lmrt_fn, torch_fn, exact_fn, [q, k, v, attn_mask], grad_out,
-                            ["query", "key", "value", "attn_mask"], grad_factor=3.0)
+        check_against_torch(lmrt_fn, torch_fn, exact_fn, tensors[:3] if constant_mask else tensors, grad_out,
+                            names[:3] if constant_mask else names, grad_factor=3.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,6 +138,7 @@ def _packed(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_flash_attn_varlen_func(dtype, causal, backend):
+    _skip_without_full_attention(backend, "packed sequences")
     lengths_q, lengths_k = [1, 17, 0, 40, 5], [3, 17, 9, 33, 0]
     q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 4, 2, 40, dtype)
     packed = (cu_q, cu_k, max(lengths_q), max(lengths_k))
@@ -195,6 +204,7 @@ def test_causal_rows_before_the_first_key_give_zeros(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
+    _skip_without_full_attention(backend, "dropout")
     q, k, v = _qkv(2, 4, 2, 37, 45, 40, dtype)
     p = 0.3
     torch.manual_seed(1234)
@@ -220,6 +230,7 @@ def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_fraction_and_mask(p, backend):
+    _skip_without_full_attention(backend, "dropout")
     """With q = k = 0 every probability is 1/Lk, and with v = I the output is the kept-and-rescaled mask itself."""
     keys = 96
     q = torch.zeros(2, 3, 64, 16, device=DEVICE)
@@ -238,6 +249,7 @@ def test_dropout_fraction_and_mask(p, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_reproducible_under_manual_seed(backend):
+    _skip_without_full_attention(backend, "dropout")
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 33, 33, 32, torch.float32))
     results = []
     for seed in (3, 3, 4):
@@ -305,11 +317,11 @@ def test_backward_is_deterministic(backend):
     mask = torch.randn(67, 130, device=DEVICE)
     grads = []
     for _ in range(2):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+        leaves = [t.clone().requires_grad_(backend not in EXTENSION_BACKENDS or t is not mask) for t in (q, k, v, mask)]
         with lmrt.backend(backend):
             out = lmrt.ops.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
             out.backward(torch.ones_like(out))
-        grads.append([t.grad for t in leaves])
+        grads.append([t.grad for t in leaves if t.requires_grad])
     for first, second in zip(*grads, strict=True):
         assert torch.equal(first, second)
 
@@ -325,6 +337,29 @@ def test_head_dim_above_the_kernels_falls_back_or_raises(monkeypatch):
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", [b])[0] in EXTENSION_BACKENDS])
+def test_extension_backends_refuse_what_they_lack(backend, monkeypatch):
+    """Dropout, packed sequences and a float mask's gradient: a clear error when the backend was chosen, the next
+    backend (with one warning) by default."""
+    q, k, v = _qkv(1, 2, 2, 9, 12, 16, torch.float32)
+    mask = torch.randn(9, 12, device=DEVICE, requires_grad=True)
+    cu = torch.tensor([0, 4, 9], device=DEVICE, dtype=torch.int32)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    cases = [("its attention kernels have no dropout", lambda: lmrt.ops.scaled_dot_product_attention(
+                 q, k, v, dropout_p=0.5)),
+             ("its attention kernels take no packed sequences", lambda: lmrt.ops.flash_attn_varlen_func(
+                 *packed, cu, cu, 5, 5)),
+             ("its attention kernels give no gradient for attn_mask", lambda: lmrt.ops.scaled_dot_product_attention(
+                 q, k, v, mask).sum().backward())]
+    for reason, call in cases:
+        with lmrt.backend(backend), pytest.raises(RuntimeError, match=f"'{backend}' backend was chosen.*{reason}"):
+            call()
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setitem(backends._DEFAULT_ORDER, DEVICE, (backend, "torch"))
+    with pytest.warns(UserWarning, match=f"'{backend}' backend cannot serve this call \\(its attention kernels"):
+        lmrt.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     q, k, v = _qkv(2, 4, 2, 9, 21, 16, torch.float32)
@@ -336,12 +371,14 @@ def test_opcheck(backend):
              (q, k, v, mask.clone().requires_grad_(), None, None, 9, 21, 0.0, None, False, False, 0.5, False),
              (q, k, v, None, None, None, 9, 21, 0.25, seed, True, True, 0.5, True),
              (*packed, None, cu, cu, max_len, max_len, 0.0, None, True, True, 0.5, False)]
+    if backend in EXTENSION_BACKENDS:  # no mask gradient, dropout or packed sequences there
+        calls = calls[:1] + [(*calls[1][:3], mask, *calls[1][4:])]
     with lmrt.backend(backend):
         for args in calls:
             args = [t.clone().requires_grad_() if i < 3 else t for i, t in enumerate(args)]
             torch.library.opcheck(torch.ops.lmrt.attention_fwd.default, args)
             out, lse = torch.ops.lmrt.attention_fwd(*args)
-            mask_grad = args[3] is not None
+            mask_grad = args[3] is not None and args[3].requires_grad
             plain = [a.detach() if torch.is_tensor(a) else a for a in args]
             bwd_args = (torch.randn_like(out), *plain[:3], out.detach(), lse.detach(), *plain[3:13], mask_grad)
             torch.library.opcheck(torch.ops.lmrt.attention_bwd.default, bwd_args)
@@ -449,6 +486,7 @@ def test_no_warning_on_the_default_path():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_dropout_matches_reference_with_the_same_mask(backend):
+    _skip_without_full_attention(backend, "dropout")
     lengths_q, lengths_k = [7, 1, 30], [12, 19, 4]
     q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 4, 2, 32, torch.float32)
     packed, p = (cu_q, cu_k, max(lengths_q), max(lengths_k)), 0.25

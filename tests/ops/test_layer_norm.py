@@ -4,10 +4,9 @@ import torch.nn.functional as F
 
 import lmrt
 from lmrt import reference
-from tests.conftest import DEVICE, DTYPES
+from tests.conftest import BACKENDS, DEVICE, DTYPES
 from tests.tolerance import check_against_torch, check_compiled_matches_eager
 
-BACKENDS = ["triton", "torch"]
 # (input shape, number of normalized trailing dims): odd sizes, a row longer than one block, 3-D and 4-D inputs.
 SHAPES = [((1, 1), 1), ((7, 97), 1), ((3, 781), 1), ((1823, 781), 1), ((2, 1, 65537), 1), ((4, 9, 33), 1),
           ((2, 3, 5, 24), 2)]

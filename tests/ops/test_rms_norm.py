@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 import lmrt
 from lmrt import reference
-from tests.conftest import DEVICE, DTYPES
-from tests.ops.test_layer_norm import BACKENDS, SHAPES
+from tests.conftest import BACKENDS, DEVICE, DTYPES
+from tests.ops.test_layer_norm import SHAPES
 from tests.tolerance import check_against_torch, check_compiled_matches_eager
 
 

@@ -4,8 +4,7 @@ import torch.nn.functional as F
 
 import lmrt
 from lmrt import reference
-from tests.conftest import DEVICE, DTYPES
-from tests.ops.test_layer_norm import BACKENDS
+from tests.conftest import BACKENDS, DEVICE, DTYPES
 from tests.tolerance import check_against_torch, check_compiled_matches_eager
 
 OPS = {"softmax": (lmrt.ops.softmax, F.softmax, reference.softmax),

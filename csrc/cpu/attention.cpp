@@ -1,0 +1,544 @@
+// Flash-style attention forward and backward on the CPU (the contract is in attention.h).
+//
+// Algorithm: FlashAttention's blocked online softmax (Dao et al., 2022). The forward takes kQueryBlock query rows
+// at a time and walks the keys kKeyBlock at a time: S = Q K^T for the block pair (a gemm), the running row max m
+// and row sum l updated from it, P = exp(scale S - m) added into O = O * exp(m_old - m) + P V (a second gemm); at
+// the end O / l, and lse = m + log(l) kept for the backward. The backward recomputes P = exp(scale S - lse) block
+// by block and, with dP = dO V^T, delta = rowsum(dO * O) and dS = P (dP - delta), accumulates dV += P^T dO,
+// dK += scale dS^T Q and dQ += scale dS K.
+//
+// Memory: O(length). No q_len x k_len matrix is formed: scores exist a kQueryBlock x kKeyBlock block at a time, and
+// each thread holds float32 copies of one head's rows (transposed where a gemm needs that layout).
+// FLOPs: 4 B H Lq Lk D forward (two gemms per block pair) and 10 B H Lq Lk D backward (five: S, dP, dV, dK, dQ),
+// about half of that causal, whose fully hidden blocks are skipped.
+// Bound: gemm throughput. The block products run in oneDNN's brgemm microkernel (ATen's cpublas::brgemm; without
+// oneDNN, BLAS sgemm); the score passes (scale, mask, max, exp, sum) are SIMD and stay a fraction of it.
+//
+// Parallelism. Forward: (batch, head, query block) tasks. Backward: (batch, kv head, key chunk) tasks; a task owns
+// its keys' dK and dV (all query heads of the group and all query rows feed them) and adds its share of dQ into a
+// float32 buffer of its chunk; the chunks' buffers are summed in chunk order afterwards. No element has two
+// writers, and the results do not depend on scheduling (the chunk count follows the thread count, so the dQ
+// summation order does too). Keys are split into chunks only when batch x kv heads alone would leave threads idle.
+// Build with -fopenmp: under ATen's OpenMP backend at::parallel_for's parallel region is in a header, and without
+// the flag it runs on one thread.
+//
+// SIMD: the score passes use at::vec, so they take the registers of the CPU capability the extension is built for
+// (setup.py's CPU_CAPABILITY flags, as ATen builds its own kernels per capability). A build for the DEFAULT
+// capability works anywhere but pays for it: its exp is a scalar libm call, and the forward measured 3.6x slower.
+
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include "dispatch.h"
+
+namespace lmrt::cpu {
+namespace {
+
+// Query rows and keys per block, tuned on an AVX-512 Xeon (64 x 128 to 256 x 512 measured, at 256 to 2048
+// tokens, head dim 64): the 128 KiB float score block and the key block's operands stay in L2, long key blocks
+// amortize the per-row softmax bookkeeping, and 64 query rows keep the causal diagonal's wasted work small and
+// give the threads enough tasks.
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 512;
+// The backward wants at least this many tasks per thread before it splits keys into chunks.
+constexpr int64_t kTasksPerThread = 2;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------------------------
+// Score passes.
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kWidth = Vec::size();
+
+// One query row's scores over one key block.
+struct ScoreRow {
+  float* s;           // the row's raw scores q.k on entry, p on return
+  int64_t n;          // keys in the block
+  int64_t visible;    // how many of them, from the first, pass causality
+  const float* bias;  // the mask's row (n floats), or null
+  float scale;
+};
+
+// x = scale s + bias over the row's keys [j, j + count), count <= kWidth; -inf for keys hidden by causality and
+// for the lanes past count.
+static inline Vec scores(const ScoreRow& row, int64_t j, int64_t count) {
+  Vec x = Vec::loadu(row.s + j, count) * Vec(row.scale);
+  if (row.bias != nullptr) x += Vec::loadu(row.bias + j, count);
+  if (j + kWidth > row.visible) {
+    const Vec key = Vec::arange(static_cast<float>(j), 1.0f);
+    x = Vec::blendv(Vec(-kInf), x, key < Vec(static_cast<float>(row.visible)));
+  }
+  return x;
+}
+
+static inline float max_lane(const Vec& v) {
+  float lanes[kWidth];
+  v.store(lanes);
+  return *std::max_element(lanes, lanes + kWidth);
+}
+
+static inline float sum_lanes(const Vec& v) {
+  float lanes[kWidth];
+  v.store(lanes);
+  float sum = 0.0f;
+  for (float x : lanes) sum += x;
+  return sum;
+}
+
+// Forward online-softmax step of one query row over one key block: overwrites the row's scores with
+// p = exp(scale s + bias - m) (0 for hidden keys) under the updated running max *m, updates the running sum *l,
+// and returns exp(m_old - m), the factor by which the row's output accumulator must be rescaled.
+static float online_softmax_row(const ScoreRow& row, float* m, float* l) {
+  Vec block_max(-kInf);
+  for (int64_t j = 0; j < row.n; j += kWidth) {
+    block_max = at::vec::maximum(block_max, scores(row, j, std::min(kWidth, row.n - j)));
+  }
+  const float m_old = *m;
+  const float m_new = std::max(m_old, max_lane(block_max));
+  if (m_new == -kInf) {  // no key seen yet: p = 0, and the accumulator (still 0) needs no rescaling
+    std::fill(row.s, row.s + row.n, 0.0f);
+    return 1.0f;
+  }
+  // The scores are recomputed rather than stored by the first pass: a multiply-add is cheaper than a store.
+  Vec sum(0.0f);
+  for (int64_t j = 0; j < row.n; j += kWidth) {
+    const int64_t count = std::min(kWidth, row.n - j);
+    const Vec p = (scores(row, j, count) - Vec(m_new)).exp_u20();
+    p.store(row.s + j, static_cast<int>(count));
+    sum += p;  // the lanes past count hold exp(-inf) = 0
+  }
+  const float alpha = std::exp(m_old - m_new);
+  *m = m_new;
+  *l = *l * alpha + sum_lanes(sum);
+  return alpha;
+}
+
+// Backward step of one query row over one key block: with dp[0, n) = dO.v on entry, overwrites the row's scores
+// with p = exp(scale s + bias - lse) (0 for hidden keys, and for every key when lse = +inf) and dp with
+// dS = p (dp - delta).
+static void softmax_grad_row(const ScoreRow& row, float* dp, float lse, float delta) {
+  for (int64_t j = 0; j < row.n; j += kWidth) {
+    const int64_t count = std::min(kWidth, row.n - j);
+    const Vec p = (scores(row, j, count) - Vec(lse)).exp_u20();
+    const Vec ds = p * (Vec::loadu(dp + j, count) - Vec(delta));
+    p.store(row.s + j, static_cast<int>(count));
+    ds.store(dp + j, static_cast<int>(count));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Blocks and layouts.
+
+// C (m x n) = A (m x k) B (k x n), plus C when `accumulate`; row-major float32 with leading dims. Through
+// cpublas::brgemm, which libtorch exports (its gemm is not), and which JIT-compiles and caches a oneDNN microkernel
+// per shape: faster than sgemm on these small blocks (measured 165-195 GFLOPS vs 135-175 on one AVX-512 core).
+static void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                 int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum: brgemm does not take k = 0
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    }
+    return;
+  }
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c);
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Buffer lengths rounded to whole cache lines, so that every buffer carved from one allocation stays 64-byte
+// aligned.
+static int64_t padded(int64_t n) {
+  constexpr int64_t kLineFloats = 64 / sizeof(float);
+  return ceil_div(n, kLineFloats) * kLineFloats;
+}
+
+// The t-th of n blocks in the order 0, n-1, 1, n-2, ...: consecutive tasks pair cheap and costly causal blocks, so
+// the contiguous task ranges that threads get carry similar work.
+static int64_t zigzag(int64_t t, int64_t n) {
+  return t % 2 == 0 ? t / 2 : n - 1 - t / 2;
+}
+
+// One head of a (batch, heads, rows, cols) tensor as a strided (rows, cols) matrix.
+template <typename scalar_t>
+struct Matrix {
+  const scalar_t* data;
+  int64_t row_stride;
+  int64_t col_stride;
+
+  // The rows from r0 on.
+  Matrix from_row(int64_t r0) const {
+    return {data + r0 * row_stride, row_stride, col_stride};
+  }
+};
+
+template <typename scalar_t>
+static Matrix<scalar_t> head_of(const at::Tensor& t, int64_t b, int64_t h) {
+  return {t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// A row-major float32 view for a gemm operand.
+struct FloatRows {
+  const float* data;
+  int64_t ld;
+};
+
+// Rows [r0, r0 + n) of `m` (cols wide) as row-major float32: the tensor's own memory when it is float32 with unit
+// column stride and rows that do not overlap, else a converted copy in `scratch` (n x cols).
+template <typename scalar_t>
+static FloatRows float_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (m.col_stride == 1 && m.row_stride >= cols) return {m.data + r0 * m.row_stride, m.row_stride};
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* src = m.data + (r0 + r) * m.row_stride;
+    for (int64_t c = 0; c < cols; ++c) scratch[r * cols + c] = static_cast<float>(src[c * m.col_stride]);
+  }
+  return {scratch, cols};
+}
+
+// Rows [r0, r0 + n) of `m` transposed to float32: dst[c * ld + r] for c < cols, r < n. In tiles of 16 rows, so
+// that each write fills a cache line and the tile's source rows stay in L1.
+template <typename scalar_t>
+static void transpose_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, float* dst, int64_t ld) {
+  constexpr int64_t kTile = 16;
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t t1 = std::min(n, t0 + kTile);
+    for (int64_t c = 0; c < cols; ++c) {
+      const scalar_t* src = m.data + r0 * m.row_stride + c * m.col_stride;
+      for (int64_t r = t0; r < t1; ++r) dst[c * ld + r] = static_cast<float>(src[r * m.row_stride]);
+    }
+  }
+}
+
+// Rows [0, rows) of `m` transposed block by block: block i (rows [i * block, ...)) is a (cols x block) matrix at
+// dst + i * cols * block, the layout of a gemm's left operand for the block's rows.
+template <typename scalar_t>
+static void transpose_blocks(const Matrix<scalar_t>& m, int64_t rows, int64_t cols, int64_t block, float* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    transpose_rows(m, r0, std::min(block, rows - r0), cols, dst + r0 * cols, block);
+  }
+}
+
+// The mask as float biases for one query row over a key block: the mask's own memory for a float32 row with unit
+// stride, else converted into a scratch row (a bool mask to 0 / -inf).
+class MaskRows {
+ public:
+  explicit MaskRows(const at::Tensor& mask) : mask_(mask) {}
+
+  const float* row(int64_t b, int64_t h, int64_t i, int64_t k0, int64_t n, float* scratch) const {
+    if (!mask_.defined()) return nullptr;
+    const int64_t offset = b * mask_.stride(0) + h * mask_.stride(1) + i * mask_.stride(2) + k0 * mask_.stride(3);
+    const int64_t step = mask_.stride(3);
+    if (mask_.scalar_type() == at::kFloat && step == 1) return mask_.const_data_ptr<float>() + offset;
+    if (mask_.scalar_type() == at::kBool) {
+      const bool* src = mask_.const_data_ptr<bool>() + offset;
+      for (int64_t j = 0; j < n; ++j) scratch[j] = src[j * step] ? 0.0f : -kInf;
+      return scratch;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask_.scalar_type(), "lmrt_attention_mask", [&] {
+      const scalar_t* src = mask_.const_data_ptr<scalar_t>() + offset;
+      for (int64_t j = 0; j < n; ++j) scratch[j] = static_cast<float>(src[j * step]);
+    });
+    return scratch;
+  }
+
+ private:
+  const at::Tensor& mask_;
+};
+
+// Causal visibility: query row i sees keys [0, i + 1 + shift), shift = k_len - q_len for bottom-right alignment.
+struct Causal {
+  bool enabled;
+  int64_t shift;
+
+  // How many of the n keys from k0 row i sees.
+  int64_t visible(int64_t i, int64_t k0, int64_t n) const {
+    return enabled ? std::clamp<int64_t>(i + 1 + shift - k0, 0, n) : n;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t>
+static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                    const Causal& causal, float scale, const at::Tensor& out, const at::Tensor& lse) {
+  const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), k_len = k.size(2), dim_v = v.size(3);
+  const int64_t group = heads / kv_heads;
+  const int64_t q_blocks = ceil_div(q_len, kQueryBlock), k_blocks = ceil_div(k_len, kKeyBlock);
+  const MaskRows mask_rows(mask);
+  float* lse_data = lse.data_ptr<float>();
+
+  at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch: K^T of the current kv head (key block by key block), its V and one query block in
+    // float32 when they are not already, the score block, the output accumulator and the row statistics.
+    const int64_t k_t_size = padded(k_blocks * dim * kKeyBlock), v_size = padded(k_len * dim_v);
+    const int64_t q_size = padded(kQueryBlock * dim), s_size = kQueryBlock * kKeyBlock;
+    const int64_t acc_size = padded(kQueryBlock * dim_v), stats_size = padded(kQueryBlock);
+    at::Tensor scratch =
+        at::empty({k_t_size + v_size + q_size + s_size + acc_size + 2 * stats_size + kKeyBlock}, at::kFloat);
+    float* k_t = scratch.data_ptr<float>();
+    float* v_scratch = k_t + k_t_size;
+    float* q_scratch = v_scratch + v_size;
+    float* s = q_scratch + q_size;
+    float* acc = s + s_size;
+    float* row_max = acc + acc_size;
+    float* row_sum = row_max + stats_size;
+    float* bias_scratch = row_sum + stats_size;
+
+    int64_t cached_kv = -1;
+    FloatRows v_rows{};
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_blocks, b = bh / heads, h = bh % heads;
+      const int64_t i0 = zigzag(task % q_blocks, q_blocks) * kQueryBlock;
+      const int64_t rows = std::min(kQueryBlock, q_len - i0);
+      const int64_t kv = b * kv_heads + h / group;
+      if (kv != cached_kv) {  // consecutive tasks share a kv head: lay it out once
+        transpose_blocks(head_of<scalar_t>(k, b, h / group), k_len, dim, kKeyBlock, k_t);
+        v_rows = float_rows(head_of<scalar_t>(v, b, h / group), 0, k_len, dim_v, v_scratch);
+        cached_kv = kv;
+      }
+      const FloatRows q_rows = float_rows(head_of<scalar_t>(q, b, h), i0, rows, dim, q_scratch);
+      // Keys past the last row's causal limit are hidden from every row of the block: no scores for them.
+      const int64_t key_end = causal.enabled ? std::clamp<int64_t>(i0 + rows + causal.shift, 0, k_len) : k_len;
+
+      std::fill(acc, acc + rows * dim_v, 0.0f);
+      std::fill(row_max, row_max + rows, -kInf);
+      std::fill(row_sum, row_sum + rows, 0.0f);
+      for (int64_t k0 = 0; k0 < key_end; k0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, key_end - k0);
+        gemm(rows, n, dim, q_rows.data, q_rows.ld, k_t + k0 * dim, kKeyBlock, s, kKeyBlock, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          const ScoreRow row{s + r * kKeyBlock, n, causal.visible(i0 + r, k0, n),
+                             mask_rows.row(b, h, i0 + r, k0, n, bias_scratch), scale};
+          const float alpha = online_softmax_row(row, row_max + r, row_sum + r);
+          if (alpha != 1.0f) {
+            for (float* a = acc + r * dim_v; a < acc + (r + 1) * dim_v; ++a) *a *= alpha;
+          }
+        }
+        gemm(rows, dim_v, n, s, kKeyBlock, v_rows.data + k0 * v_rows.ld, v_rows.ld, acc, dim_v, true);
+      }
+
+      scalar_t* out_block = out.data_ptr<scalar_t>() + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2);
+      for (int64_t r = 0; r < rows; ++r) {
+        // A row that saw no key: output 0 and lse +inf, so that the backward's exp(s - lse) is 0.
+        const bool empty = row_max[r] == -kInf;
+        const float inv_sum = empty ? 0.0f : 1.0f / row_sum[r];
+        scalar_t* dst = out_block + r * out.stride(2);
+        for (int64_t d = 0; d < dim_v; ++d) dst[d] = static_cast<scalar_t>(acc[r * dim_v + d] * inv_sum);
+        lse_data[bh * q_len + i0 + r] = empty ? kInf : row_max[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward.
+
+// dst (rows x cols, strided) = scale * the transpose of src, given as (cols x block) blocks (see transpose_blocks).
+template <typename scalar_t>
+static void store_transposed_blocks(const float* src, int64_t rows, int64_t cols, int64_t block, float scale,
+                                    scalar_t* dst, int64_t row_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* block_src = src + (r / block) * cols * block + r % block;
+    for (int64_t c = 0; c < cols; ++c) dst[r * row_stride + c] = static_cast<scalar_t>(scale * block_src[c * block]);
+  }
+}
+
+template <typename scalar_t>
+static void store_rows(const float* src, int64_t rows, int64_t cols, float scale, scalar_t* dst, int64_t row_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * row_stride + c] = static_cast<scalar_t>(scale * src[r * cols + c]);
+  }
+}
+
+template <typename scalar_t>
+static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& mask, const Causal& causal,
+                     float scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), k_len = k.size(2), dim_v = v.size(3);
+  const int64_t group = heads / kv_heads;
+  const int64_t q_blocks = ceil_div(q_len, kQueryBlock), k_blocks = ceil_div(k_len, kKeyBlock);
+  // Split each kv head's keys into chunks only as far as needed to give every thread kTasksPerThread tasks.
+  const int64_t wanted_chunks =
+      ceil_div(kTasksPerThread * at::get_num_threads(), std::max<int64_t>(batch * kv_heads, 1));
+  const int64_t chunk_blocks = ceil_div(k_blocks, std::clamp<int64_t>(wanted_chunks, 1, k_blocks));
+  const int64_t chunks = ceil_div(k_blocks, chunk_blocks), chunk_len = chunk_blocks * kKeyBlock;
+  // Each chunk's dQ share (unscaled), summed in chunk order at the end; with one chunk dQ is written directly.
+  const at::Tensor dq_chunks =
+      chunks > 1 ? at::empty({chunks, batch, heads, q_len, dim}, q.options().dtype(at::kFloat)) : at::Tensor();
+  const MaskRows mask_rows(mask);
+  const float* lse_data = lse.const_data_ptr<float>();
+
+  at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch. Key side, for the chunk: K^T and V^T block by block (the right operands of S = Q K^T and
+    // dP = dO V^T), K in float32 if it is not already, and dK^T and dV^T accumulated block by block. Query side,
+    // for one query head: Q and dO in float32 if they are not already, Q^T and dO^T block by block (the left
+    // operands of dK^T += Q^T dS and dV^T += dO^T P), delta, and dQ unless it goes to a chunk buffer. Then the
+    // score and dP blocks.
+    const int64_t kt_size = padded(chunk_len * dim), vt_size = padded(chunk_len * dim_v);
+    const int64_t q_size = padded(q_blocks * kQueryBlock * dim), do_size = padded(q_blocks * kQueryBlock * dim_v);
+    const int64_t s_size = kQueryBlock * kKeyBlock;
+    const int64_t total = 3 * kt_size + 2 * vt_size + 3 * q_size + 2 * do_size + padded(q_len) + 2 * s_size + kKeyBlock;
+    at::Tensor scratch = at::empty({total}, at::kFloat);
+    float* k_t = scratch.data_ptr<float>();
+    float* k_scratch = k_t + kt_size;
+    float* dk_t = k_scratch + kt_size;
+    float* v_t = dk_t + kt_size;
+    float* dv_t = v_t + vt_size;
+    float* q_scratch = dv_t + vt_size;
+    float* q_t = q_scratch + q_size;
+    float* dq_scratch = q_t + q_size;
+    float* do_scratch = dq_scratch + q_size;
+    float* do_t = do_scratch + do_size;
+    float* delta = do_t + do_size;
+    float* s = delta + padded(q_len);
+    float* dp = s + s_size;
+    float* bias_scratch = dp + s_size;
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bkv = task / chunks, b = bkv / kv_heads, kvh = bkv % kv_heads;
+      const int64_t chunk = zigzag(task % chunks, chunks);
+      const int64_t c0 = chunk * chunk_len, keys = std::min(chunk_len, k_len - c0);
+      const Matrix<scalar_t> k_chunk = head_of<scalar_t>(k, b, kvh).from_row(c0);
+      transpose_blocks(k_chunk, keys, dim, kKeyBlock, k_t);
+      transpose_blocks(head_of<scalar_t>(v, b, kvh).from_row(c0), keys, dim_v, kKeyBlock, v_t);
+      const FloatRows k_rows = float_rows(k_chunk, 0, keys, dim, k_scratch);
+      const int64_t padded_keys = ceil_div(keys, kKeyBlock) * kKeyBlock;  // the last block is whole in the layout
+      std::fill(dk_t, dk_t + padded_keys * dim, 0.0f);
+      std::fill(dv_t, dv_t + padded_keys * dim_v, 0.0f);
+
+      for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+        const Matrix<scalar_t> q_head = head_of<scalar_t>(q, b, h), do_head = head_of<scalar_t>(dout, b, h);
+        const Matrix<scalar_t> out_head = head_of<scalar_t>(out, b, h);
+        const FloatRows q_rows = float_rows(q_head, 0, q_len, dim, q_scratch);
+        const FloatRows do_rows = float_rows(do_head, 0, q_len, dim_v, do_scratch);
+        transpose_blocks(q_head, q_len, dim, kQueryBlock, q_t);
+        transpose_blocks(do_head, q_len, dim_v, kQueryBlock, do_t);
+        for (int64_t i = 0; i < q_len; ++i) {
+          float sum = 0.0f;
+          for (int64_t d = 0; d < dim_v; ++d) {
+            sum += static_cast<float>(do_head.data[i * do_head.row_stride + d * do_head.col_stride]) *
+                   static_cast<float>(out_head.data[i * out_head.row_stride + d * out_head.col_stride]);
+          }
+          delta[i] = sum;
+        }
+        float* dq_acc = chunks > 1 ? dq_chunks.data_ptr<float>() + ((chunk * batch + b) * heads + h) * q_len * dim
+                                   : dq_scratch;
+        std::fill(dq_acc, dq_acc + q_len * dim, 0.0f);
+        const float* lse_row = lse_data + (b * heads + h) * q_len;
+
+        for (int64_t k0 = 0; k0 < keys; k0 += kKeyBlock) {
+          const int64_t n = std::min(kKeyBlock, keys - k0), key0 = c0 + k0;
+          const float* k_t_block = k_t + k0 * dim;
+          const float* v_t_block = v_t + k0 * dim_v;
+          float* dk_t_block = dk_t + k0 * dim;
+          float* dv_t_block = dv_t + k0 * dim_v;
+          // Query rows before key0 - shift see none of these keys under causality.
+          const int64_t first_row = causal.enabled ? std::clamp<int64_t>(key0 - causal.shift, 0, q_len) : 0;
+          for (int64_t i0 = first_row / kQueryBlock * kQueryBlock; i0 < q_len; i0 += kQueryBlock) {
+            const int64_t rows = std::min(kQueryBlock, q_len - i0);
+            // Keys past the last row's causal limit: hidden from every row of the query block, no scores for them.
+            const int64_t cols = causal.visible(i0 + rows - 1, key0, n);
+            gemm(rows, cols, dim, q_rows.data + i0 * q_rows.ld, q_rows.ld, k_t_block, kKeyBlock, s, kKeyBlock, false);
+            gemm(rows, cols, dim_v, do_rows.data + i0 * do_rows.ld, do_rows.ld, v_t_block, kKeyBlock, dp, kKeyBlock,
+                 false);
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t i = i0 + r;
+              const ScoreRow row{s + r * kKeyBlock, cols, causal.visible(i, key0, cols),
+                                 mask_rows.row(b, h, i, key0, cols, bias_scratch), scale};
+              softmax_grad_row(row, dp + r * kKeyBlock, lse_row[i], delta[i]);
+            }
+            gemm(dim_v, cols, rows, do_t + i0 * dim_v, kQueryBlock, s, kKeyBlock, dv_t_block, kKeyBlock, true);
+            gemm(dim, cols, rows, q_t + i0 * dim, kQueryBlock, dp, kKeyBlock, dk_t_block, kKeyBlock, true);
+            gemm(rows, dim, cols, dp, kKeyBlock, k_rows.data + k0 * k_rows.ld, k_rows.ld, dq_acc + i0 * dim, dim,
+                 true);
+          }
+        }
+        if (chunks == 1) {
+          store_rows(dq_acc, q_len, dim, scale, dq.data_ptr<scalar_t>() + b * dq.stride(0) + h * dq.stride(1),
+                     dq.stride(2));
+        }
+      }
+      store_transposed_blocks(dk_t, keys, dim, kKeyBlock, scale,
+                              dk.data_ptr<scalar_t>() + b * dk.stride(0) + kvh * dk.stride(1) + c0 * dk.stride(2),
+                              dk.stride(2));
+      store_transposed_blocks(dv_t, keys, dim_v, kKeyBlock, 1.0f,
+                              dv.data_ptr<scalar_t>() + b * dv.stride(0) + kvh * dv.stride(1) + c0 * dv.stride(2),
+                              dv.stride(2));
+    }
+  });
+
+  if (chunks > 1) {
+    // dQ = scale * the chunks' shares, summed in chunk order.
+    const float* shares = dq_chunks.const_data_ptr<float>();
+    const int64_t chunk_stride = batch * heads * q_len * dim;
+    at::parallel_for(0, batch * heads * q_len, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t bh = row / q_len, b = bh / heads, h = bh % heads, i = row % q_len;
+        scalar_t* dst = dq.data_ptr<scalar_t>() + b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2);
+        for (int64_t d = 0; d < dim; ++d) {
+          float sum = 0.0f;
+          for (int64_t c = 0; c < chunks; ++c) sum += shares[c * chunk_stride + row * dim + d];
+          dst[d] = static_cast<scalar_t>(scale * sum);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& mask, bool causal, bool bottom_right, double scale,
+                                                 bool heads_first_out) {
+  TORCH_INTERNAL_ASSERT(q.dim() == 4 && k.dim() == 4 && v.dim() == 4);
+  TORCH_INTERNAL_ASSERT(q.size(1) == 0 || (k.size(1) > 0 && q.size(1) % k.size(1) == 0));
+  const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2), dim_v = v.size(3);
+  at::Tensor out = heads_first_out ? at::empty({batch, heads, q_len, dim_v}, q.options())
+                                   : at::empty({batch, q_len, heads, dim_v}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({batch, heads, q_len}, q.options().dtype(at::kFloat));
+  const Causal visibility{causal, bottom_right ? k.size(2) - q_len : 0};
+  LMRT_DISPATCH_KERNEL_TYPES(q.scalar_type(), "lmrt_attention_fwd", [&] {
+    forward<scalar_t>(q, k, v, mask, visibility, static_cast<float>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const at::Tensor& mask, bool causal, bool bottom_right,
+                                                             double scale) {
+  TORCH_INTERNAL_ASSERT(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && dout.dim() == 4 && out.dim() == 4);
+  TORCH_INTERNAL_ASSERT(q.size(1) == 0 || (k.size(1) > 0 && q.size(1) % k.size(1) == 0));
+  TORCH_INTERNAL_ASSERT(lse.scalar_type() == at::kFloat && lse.is_contiguous());
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (k.size(2) == 0) {  // no keys: dq = 0 (dk and dv are empty)
+    dq.zero_();
+    return {dq, dk, dv};
+  }
+  const Causal visibility{causal, bottom_right ? k.size(2) - q.size(2) : 0};
+  LMRT_DISPATCH_KERNEL_TYPES(q.scalar_type(), "lmrt_attention_bwd", [&] {
+    backward<scalar_t>(dout, q, k, v, out, lse, mask, visibility, static_cast<float>(scale), dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace lmrt::cpu

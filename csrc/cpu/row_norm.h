@@ -1,0 +1,164 @@
+// LayerNorm and RMSNorm on the CPU, one template for both (kRms drops the centering and the bias), used by
+// layer_norm.cpp and rms_norm.cpp.
+//
+// Forward, per row of n elements: mean (LayerNorm), the mean square of the centred row, then the normalized,
+// scaled and shifted row; the row is read from memory once and re-read from L1/L2 for the later passes, so the
+// kernel moves n*s bytes in and n*s out (s = element size) and is meant to run at memory bandwidth.
+// Backward, per row: dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(x_hat * w*dy)), the mean(w*dy) term for
+// LayerNorm only. The weight and bias gradients (sums over rows of dy*x_hat and dy) are deterministic: each task
+// owns a fixed range of rows and writes its partial column sums, which are then added in task order.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "float_rows.h"
+
+namespace lmrt::cpu {
+
+// y = (x - mean) * rstd * weight + bias for one row (LayerNorm), or x * rstd * weight (RMSNorm). `weight` and
+// `bias` may be null.
+template <bool kRms>
+inline void normalize_row(const float* x, float mean, float rstd, const float* weight, const float* bias, float* y,
+                          int64_t n) {
+  constexpr int64_t kWidth = FloatVec::size();
+  const FloatVec mean_v(mean), rstd_v(rstd);
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) {
+    FloatVec v = (kRms ? FloatVec::loadu(x + i) : FloatVec::loadu(x + i) - mean_v) * rstd_v;
+    if (weight != nullptr) {
+      v = v * FloatVec::loadu(weight + i);
+    }
+    if (bias != nullptr) {
+      v = v + FloatVec::loadu(bias + i);
+    }
+    v.store(y + i);
+  }
+  for (; i < n; ++i) {
+    float v = (kRms ? x[i] : x[i] - mean) * rstd;
+    y[i] = (weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f);
+  }
+}
+
+template <bool kRms, typename T>
+void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float* bias, T* y, float* mean,
+              float* rstd, int64_t rows, int64_t cols, float eps) {
+  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : cols);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = row_as_float(x + r * x_row_stride, cols, scratch.data());
+      const float inv_n = 1.f / static_cast<float>(cols);
+      float mu = 0.f, var = 0.f;
+      if constexpr (kRms) {
+        var = reduce_sum(xr, cols, [](FloatVec v) { return v * v; }, [](float v) { return v * v; }) * inv_n;
+      } else {
+        // The rounding error of a float32 sum grows with the row's offset from zero; the moments of the row
+        // shifted by that first estimate are small, so they correct the mean and give the variance accurately.
+        const float shift = reduce_sum(xr, cols, [](FloatVec v) { return v; }, [](float v) { return v; }) * inv_n;
+        const FloatVec shift_v(shift);
+        const float residual = reduce_sum(
+            xr, cols, [&](FloatVec v) { return v - shift_v; }, [&](float v) { return v - shift; }) * inv_n;
+        const float square = reduce_sum(
+            xr, cols, [&](FloatVec v) { v = v - shift_v; return v * v; },
+            [&](float v) { v -= shift; return v * v; }) * inv_n;
+        mu = shift + residual;
+        var = std::max(square - residual * residual, 0.f);
+      }
+      const float rs = 1.f / std::sqrt(var + eps);
+      if constexpr (!kRms) {
+        mean[r] = mu;
+      }
+      rstd[r] = rs;
+      T* yr = y + r * cols;
+      // The float32 copy of the row is no longer needed, so a reduced-precision row is normalized in place.
+      float* out = float_destination(yr, scratch.data());
+      normalize_row<kRms>(xr, mu, rs, weight, bias, out, cols);
+      store_row(out, yr, cols);
+    }
+  });
+}
+
+// Rows per task of the backward: a fixed number of tasks (at most kMaxTasks) so that the partial weight/bias
+// sums, and hence the result, do not depend on the number of threads.
+inline int64_t bwd_rows_per_task(int64_t rows, int64_t cols) {
+  constexpr int64_t kMaxTasks = 64;
+  return std::max<int64_t>((rows + kMaxTasks - 1) / kMaxTasks, rows_per_task(cols));
+}
+
+// dx (or null), and the float32 partial column sums of dy*x_hat (dweight_partial) and dy (dbias_partial), one
+// row of `cols` per task, or null when not asked for.
+template <bool kRms, typename T>
+void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stride, const float* weight,
+              const float* mean, const float* rstd, T* dx, float* dweight_partial, float* dbias_partial, int64_t rows,
+              int64_t cols) {
+  const int64_t task_rows = bwd_rows_per_task(rows, cols);
+  const int64_t tasks = (rows + task_rows - 1) / task_rows;
+  constexpr int64_t kWidth = FloatVec::size();
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    constexpr bool kFloat = std::is_same_v<T, float>;
+    std::vector<float> x_scratch(kFloat ? 0 : cols), dy_scratch(kFloat ? 0 : cols), x_hat(cols), w_dy(cols);
+    std::vector<float> dx_scratch(kFloat ? 0 : cols);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      float* dw = dweight_partial != nullptr ? dweight_partial + task * cols : nullptr;
+      float* db = dbias_partial != nullptr ? dbias_partial + task * cols : nullptr;
+      if (dw != nullptr) std::fill(dw, dw + cols, 0.f);
+      if (db != nullptr) std::fill(db, db + cols, 0.f);
+      for (int64_t r = task * task_rows; r < std::min(rows, (task + 1) * task_rows); ++r) {
+        const float* xr = row_as_float(x + r * x_row_stride, cols, x_scratch.data());
+        const float* dyr = row_as_float(dy + r * dy_row_stride, cols, dy_scratch.data());
+        const float mu = kRms ? 0.f : mean[r];
+        const float rs = rstd[r];
+        normalize_row<kRms>(xr, mu, rs, nullptr, nullptr, x_hat.data(), cols);
+        const float* g = dyr;
+        if (weight != nullptr) {
+          at::vec::map2<float>([](FloatVec a, FloatVec b) { return a * b; }, w_dy.data(), dyr, weight, cols);
+          g = w_dy.data();
+        }
+        const float inv_n = 1.f / static_cast<float>(cols);
+        const float xhat_g = reduce_sum2(
+            x_hat.data(), g, cols, [](FloatVec a, FloatVec b) { return a * b; },
+            [](float a, float b) { return a * b; }) * inv_n;
+        float g_mean = 0.f;
+        if constexpr (!kRms) {
+          g_mean = reduce_sum(g, cols, [](FloatVec v) { return v; }, [](float v) { return v; }) * inv_n;
+        }
+        if (dx != nullptr) {
+          T* dxr = dx + r * cols;
+          float* out = float_destination(dxr, dx_scratch.data());
+          const FloatVec rs_v(rs), g_mean_v(g_mean), xhat_g_v(xhat_g);
+          int64_t i = 0;
+          for (; i + kWidth <= cols; i += kWidth) {
+            FloatVec v = FloatVec::loadu(g + i) - g_mean_v - FloatVec::loadu(x_hat.data() + i) * xhat_g_v;
+            (v * rs_v).store(out + i);
+          }
+          for (; i < cols; ++i) {
+            out[i] = (g[i] - g_mean - x_hat[i] * xhat_g) * rs;
+          }
+          store_row(out, dxr, cols);
+        }
+        if (dw != nullptr) {
+          at::vec::map3<float>([](FloatVec acc, FloatVec d, FloatVec h) { return acc + d * h; }, dw, dw, dyr,
+                               x_hat.data(), cols);
+        }
+        if (db != nullptr) {
+          at::vec::map2<float>([](FloatVec acc, FloatVec d) { return acc + d; }, db, db, dyr, cols);
+        }
+      }
+    }
+  });
+}
+
+// out[c] = sum over tasks t, in order, of partial[t * cols + c].
+inline void sum_partials(const float* partial, int64_t tasks, int64_t cols, float* out) {
+  at::parallel_for(0, cols, 4096, [&](int64_t begin, int64_t end) {
+    std::fill(out + begin, out + end, 0.f);
+    for (int64_t t = 0; t < tasks; ++t) {
+      at::vec::map2<float>([](FloatVec acc, FloatVec p) { return acc + p; }, out + begin, out + begin,
+                           partial + t * cols + begin, end - begin);
+    }
+  });
+}
+
+}  // namespace lmrt::cpu

@@ -1,0 +1,47 @@
+// RMSNorm forward and backward (the kernels are in norm_kernels.cuh, shared with LayerNorm).
+//
+// Forward: y = x * rstd * w with rstd = rsqrt(mean(x^2) + eps). A row held in registers (up to 16384 columns,
+// 8192 when unaligned) reads x once: N*s bytes read and N*s written per row (s the element size), plus 4 bytes of
+// rstd; the weight stays in L2 across rows. About 4*N FLOPs per row. Wider rows read x twice, from L2 while the
+// row fits there.
+// Backward: dx = rstd * (g - x_hat * mean(g * x_hat)) with x_hat = x * rstd, g = dy * w; reads x and dy (2*N*s)
+// and writes dx (N*s) per row, about 8*N FLOPs; rows past 8192 columns (4096 for float32 or unaligned rows) read x
+// and dy twice. dweight adds units * N * 4 bytes, written by stage 1 and read by stage 2, with units * N at
+// most max(2^20, rows * N / 1024) (norm_kernels.cuh).
+// Both are memory bound: the aim is ~90% of the device's device-to-device copy bandwidth.
+#include "rms_norm.h"
+
+#include "norm_kernels.cuh"
+
+namespace lmrt::cuda {
+
+namespace {
+// Stage 1 of the backward writes dweight's partial sums only.
+constexpr int kRmsNormGradients = 1;
+}  // namespace
+
+cudaError_t rms_norm_fwd(DType dtype, const void* x, int64_t x_row_stride, const float* weight, void* y, float* rstd,
+                         int64_t rows, int64_t cols, float eps, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return norm::launch_fwd<true>(static_cast<const T*>(x), x_row_stride, weight, nullptr, static_cast<T*>(y),
+                                  nullptr, rstd, rows, cols, eps, stream);
+  });
+}
+
+size_t rms_norm_bwd_workspace_bytes(int64_t rows, int64_t cols) {
+  return norm::bwd_workspace_bytes(rows, cols, kRmsNormGradients);
+}
+
+cudaError_t rms_norm_bwd(DType dtype, const void* dy, int64_t dy_row_stride, const void* x, int64_t x_row_stride,
+                         const float* weight, const float* rstd, void* dx, float* dweight, void* workspace,
+                         int64_t rows, int64_t cols, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return norm::launch_bwd<true>(static_cast<const T*>(dy), dy_row_stride, static_cast<const T*>(x), x_row_stride,
+                                  weight, nullptr, rstd, static_cast<T*>(dx), dweight, nullptr, workspace, rows, cols,
+                                  stream);
+  });
+}
+
+}  // namespace lmrt::cuda
