@@ -1,17 +1,20 @@
-"""What every benchmark shares: the timers, the device's ceilings, the check against the float64 reference, peak
-memory, the run's metadata, and the table, plot and JSON a run writes."""
+"""What every benchmark shares: the timers, the device's ceilings, the throughput metrics, the check against the
+float64 reference, peak memory, the run's metadata, and the table, plot, JSON and CSV a run writes."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import dataclasses
 import importlib.metadata
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Allowed error: |result - exact| <= tol * max|exact| + tol * |exact|. Scaling the absolute part by the exact
 # result's largest magnitude makes one figure serve results of order 1 (norms) and of order 1/N (softmax).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+# The committed figures: one folder per device (device_folder), as `--save` writes them.
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # (fn, tensors whose .grad is reset before every call) -> (median, 20th percentile, 80th percentile) in ms.
 Timer = Callable[[Callable[[], object], Sequence[Tensor]], tuple[float, float, float]]
@@ -76,6 +82,20 @@ def cpu_timer(budget_s: float, warmup: int = 2, min_reps: int = 5, max_reps: int
     return bench
 
 
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, quick: bool) -> Iterator[None]:
+    """One CPU thread for --quick on the CPU, the previous count restored after. A smoke run's figures are not for
+    comparison, and its calls are small: on cores that other processes share (CI runners), OpenMP's threads wait
+    for each other at every op, which made a tiny training step 50 times slower on two busy cores."""
+    threads = torch.get_num_threads()
+    if quick and device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def timer_for(device: torch.device, quick: bool, cuda_rep_ms: float = 100) -> Timer:
     """On CUDA do_bench with `cuda_rep_ms` of timed calls after a quarter of that of warm-up (its defaults: 100 and
     25); on the CPU a perf_counter loop of about 0.2 s per measurement (0.05 s for --quick)."""
@@ -98,6 +118,59 @@ def matmul_tflops(device: torch.device, timer: Timer, n: int, dtype: torch.dtype
     a, b = (torch.randn(n, n, generator=generator, device=device).to(dtype) for _ in range(2))
     median, _, _ = timer(lambda: a @ b, [])
     return 2 * n**3 / (median * 1e-3) / 1e12
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    """The device's ceilings, measured at the start of a run: a copy of `copy_bytes` between two buffers (GB/s of
+    bytes read + written) and an (n, n) @ (n, n) product, n = `matmul_size`, in `matmul_dtype` (2 * n^3 FLOPs)."""
+
+    copy_bandwidth_gbps: float
+    copy_bytes: int
+    matmul_tflops: float
+    matmul_size: int
+    matmul_dtype: str
+
+    def meta(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def measure_ceilings(device: torch.device, timer: Timer, quick: bool) -> Ceilings:
+    """The ceilings of `device`. On CUDA a 1 GiB copy (far beyond L2) and an 8192^2 bfloat16 product (the tensor
+    cores' dtype). On the CPU a 128 MiB copy (beyond the last-level cache) and a 1024^2 float32 product: the CPU
+    grids run float32, and a CPU without bfloat16 units would make a bfloat16 ceiling meaningless. --quick on the
+    CPU: 32 MiB and 512^2, a smoke figure only."""
+    if device.type == "cuda":
+        copy_bytes, size, dtype = 2**30, 8192, torch.bfloat16
+    else:
+        copy_bytes, size, dtype = (2**25, 512, torch.float32) if quick else (2**27, 1024, torch.float32)
+    print(f"ceilings: {copy_bytes // 2**20} MiB copy, {size}^2 {dtype_str(dtype)} matmul", file=sys.stderr, flush=True)
+    copy = copy_bandwidth_gbps(device, timer, copy_bytes)
+    return Ceilings(copy, copy_bytes, matmul_tflops(device, timer, size, dtype), size, dtype_str(dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """How a row's throughput is counted: `work` (a row key: bytes or FLOPs) per second, in `unit`, stored under
+    `rate`, and its fraction of the run's ceiling (the meta key `ceiling`) stored under `fraction`."""
+
+    work: str
+    rate: str
+    unit: str
+    scale: float
+    ceiling: str
+    fraction: str
+    ceiling_label: str
+
+    def fill(self, row: dict[str, Any], ceilings: Ceilings) -> None:
+        """Set the row's throughput and fraction of the ceiling from its work and median time."""
+        rate = row[self.work] / (row["ms"] * 1e-3) / self.scale
+        row.update({self.rate: rate, self.fraction: rate / getattr(ceilings, self.ceiling)})
+
+
+# Memory-bound ops (the norms, softmax) against the copy ceiling; matmul-bound ones (attention) against the matmul's.
+BANDWIDTH = Metric("bytes", "gbps", "GB/s", 1e9, "copy_bandwidth_gbps", "copy_fraction", "copy")
+COMPUTE = Metric("flops", "tflops", "TFLOP/s", 1e12, "matmul_tflops", "matmul_fraction", "matmul")
 
 
 def compile_for_timing(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
@@ -159,12 +232,13 @@ def time_call(fn: Callable[[], object], leaves: Sequence[Tensor], timer: Timer, 
     return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_memory_mb": peak_memory_mb(fn, leaves, device)}
 
 
-def set_time_ratio(rows: Sequence[dict[str, Any]], column: str, baselines: Collection[str]) -> None:
-    """Set `column` of each timed row to its time over the fastest time of the providers named in `baselines`."""
-    fastest = min((row["ms"] for row in rows if row["provider"] in baselines and row["ms"]), default=None)
+def set_time_ratios(rows: Sequence[dict[str, Any]], baselines: Collection[str]) -> None:
+    """Set each timed row's "time_vs" to {baseline: its time over that baseline's} for each provider named in
+    `baselines` that has a timed row among `rows` (rows of one case and mode): below 1 is faster."""
+    times = {row["provider"]: row["ms"] for row in rows if row["provider"] in baselines and row["ms"]}
     for row in rows:
-        if row["ms"] is not None and fastest is not None:
-            row[column] = row["ms"] / fastest
+        if row["ms"] is not None:
+            row["time_vs"] = {name: row["ms"] / ms for name, ms in times.items()}
 
 
 def device_name(device: torch.device) -> str:
@@ -175,6 +249,21 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def device_folder(device_type: str, name: str) -> str:
+    """The results folder of a device: "cpu" for a CPU, else the GPU's model in lower case ("NVIDIA H100 80GB
+    HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx4090")."""
+    if device_type == "cpu":
+        return "cpu"
+    model = []
+    for word in re.split(r"[\s_-]+", name):
+        if word.lower() in ("nvidia", "geforce", "tesla", "quadro", ""):
+            continue
+        model.append(word.lower())
+        if any(ch.isdigit() for ch in word):
+            break
+    return "".join(model) or device_type
 
 
 def _triton_version() -> str | None:
@@ -194,12 +283,13 @@ def _git_commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def run_meta(device: torch.device, **ceilings: Any) -> dict[str, Any]:
-    """The run's device, versions, date and commit, and the ceilings it measured."""
+def run_meta(device: torch.device, ceilings: Ceilings, **extra: Any) -> dict[str, Any]:
+    """The run's device, versions, date and commit, CPU threads, the ceilings it measured, and `extra`."""
     return {
         "device": device_name(device), "device_type": device.type, "torch_version": torch.__version__,
         "triton_version": _triton_version(), "python_version": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(), **ceilings,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
+        "cpu_threads": torch.get_num_threads(), **ceilings.meta(), **extra,
     }
 
 
@@ -235,7 +325,8 @@ def print_table(columns: Sequence[str], cells: Sequence[Sequence[str]], title: s
         table.add_column(column, justify="left" if column in left else "right")
     for line in cells:
         status = line[-1]
-        table.add_row(*line, style=None if status == "ok" else "bold red" if status.startswith("WRONG") else "yellow")
+        style = {"ok": None, "WRONG": "bold red", "untimed": "dim"}.get(status.split(":")[0], "yellow")
+        table.add_row(*line, style=style)
     console = Console()
     if not console.is_terminal:
         # Piped or in CI, rich assumes 80 columns and would elide the figures; a log line may be long.
@@ -288,18 +379,56 @@ def plot_panels(
     return [path]
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--out", type=Path, metavar="DIR", help=f"write DIR/{name}.json and DIR/{name}.png")
-    parser.add_argument("--no-plot", action="store_true", help=f"with --out: write no {name}.png")
+def add_output_arguments(parser: argparse.ArgumentParser, written: str) -> None:
+    """--out DIR, --save (DIR = the committed results folder of this device) and --no-plot."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, metavar="DIR", help=f"write {written} into DIR")
+    where.add_argument("--save", action="store_true",
+                       help=f"write them into {RESULTS.relative_to(RESULTS.parents[1])}/<device>/ (cpu, h100, ...)")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+
+
+def output_dir(args: argparse.Namespace, device: torch.device) -> Path | None:
+    """Where --out or --save asks the results to go, or None."""
+    if getattr(args, "save", False):
+        return RESULTS / device_folder(device.type, device_name(device))
+    return args.out
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)
+    return "" if value is None else value
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """`rows` as CSV, one column per key (in order of first appearance); a dict value such as "time_vs" becomes one
+    column per entry ("time_vs_torch")."""
+    flat = []
+    for row in rows:
+        line: dict[str, Any] = {}
+        for key, value in row.items():
+            if isinstance(value, dict):
+                line.update({f"{key}_{name}": _csv_cell(v) for name, v in value.items()})
+            else:
+                line[key] = _csv_cell(value)
+        flat.append(line)
+    columns = list(dict.fromkeys(key for line in flat for key in line))
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, columns, restval="")
+        writer.writeheader()
+        writer.writerows(flat)
 
 
 def write_report(
     out: Path, name: str, meta: dict[str, Any], results: Sequence[dict[str, Any]],
     plot: Callable[[Path], list[Path]] | None,
 ) -> None:
-    """OUT/NAME.json with `meta` and `results`, and OUT/NAME.png from `plot` (given that path) unless it is None."""
+    """OUT/NAME.json with `meta` and `results`, OUT/NAME.csv with the results, and OUT/NAME.png from `plot` (given
+    that path) unless it is None."""
     out.mkdir(parents=True, exist_ok=True)
     report = out / f"{name}.json"
     report.write_text(json.dumps({"meta": meta, "results": list(results)}, indent=2) + "\n")
-    written = [report] + ([] if plot is None else plot(out / f"{name}.png"))
+    write_csv(out / f"{name}.csv", results)
+    written = [report, out / f"{name}.csv"] + ([] if plot is None else plot(out / f"{name}.png"))
     print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)

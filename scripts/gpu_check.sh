@@ -1,26 +1,109 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (../shared/GPU.md): installs lmrt against that machine's torch without
-# touching the network, runs the whole test suite on CUDA (bfloat16 included), the benchmarks and the GPT-2 small
-# check (scripts/gpt2_small_check.py), and writes logs, results (JSON with device, versions, date and commit) and
-# plots into OUT_DIR. The whole run takes longer than one 10-minute device call: split it there.
-#   bash scripts/gpu_check.sh OUT_DIR        (on the device machine: bash scripts/gpu_check.sh "$OUT")
-# Exits non-zero if the tests or a benchmark failed; every step runs either way so that its figures come back.
+# The whole check on a lent GPU machine (../shared/GPU.md) in one command that ends well inside one 10-minute device
+# call (9 minutes on an H100 at the most):
+#   1. install lmrt against the machine's torch, without the network (this builds lmrt._C with its CUDA kernels);
+#   2. versions and `python -m lmrt info`;
+#   3. the test suite on CUDA, in parallel where pytest-xdist is installed;
+#   4. the benchmark suite (python -m benchmarks): every op and bench_model (GPT-2 small included), under a budget;
+#   5. docs/BENCHMARKS.md of this run (python -m benchmarks.report);
+#   6. OUT_DIR/gpu_check.tar.gz (results/<device>/ ready to commit under benchmarks/results/, BENCHMARKS.md, logs),
+#      OUT_DIR/summary.log and OUT_DIR/benchmarks.log: three files, as the device machine lets eight come back.
+#
+#   bash scripts/gpu_check.sh OUT_DIR [--no-install] [--no-tests] [--quick] [NAME ...]
+#        (on the device machine: bash scripts/gpu_check.sh "$OUT")
+#
+# NAME: the benchmarks to run (attention, layer_norm, rms_norm, softmax, model; default: all); --quick: their smoke
+# grids. --no-install: lmrt as it is installed (or this source tree). --no-tests: skip step 3. On a machine without a
+# GPU it says so, skips the CUDA tests (CI runs them on the CPU) and runs the benchmarks on the CPU, which is how
+# tests/benchmarks/test_gpu_check.py tests this script (--no-install --no-tests --quick softmax).
+#
+# Time budget, in seconds from the start (limits enforced with `timeout`; each step starts whatever came before):
+#   install     <= 150  setup.py compiles the extension's CPU and CUDA sources with ninja (1-2 minutes with nvcc);
+#   tests       until 300 at the latest: pytest -n 16 (the kernels compile across the 16 workers; LMRT_AUTOTUNE=0
+#               there); a run cut short by the limit is reported as such in summary.log;
+#   benchmarks  what is left until BENCH_END (500): python -m benchmarks --budget gives each benchmark its share
+#               (benchmarks/suite.py: attention 3, each norm 1, model 3) and each starts no new point of its grid
+#               once its share is spent (its meta's "not_run" says what was left out); a hard limit at 530.
+#               The default GPU grids are sized for about 4 minutes on an H100: attention 12 points (d 64 and 128,
+#               L 1024, 4096, 16384, causal or not, bfloat16) x 3 modes x 8 providers of ~65 ms of do_bench each
+#               plus 4 compilations and the Triton autotuning; each row-wise op 5 sizes x 3 modes x 5 providers plus
+#               5 compilations; bench_model gpt-tiny and GPT-2 small (batch 8 x 1024), 5 providers each, 3 checked
+#               steps, ~500 ms of timed steps, torch.compile of each and greedy generation of 64 tokens.
+#   report, bundle: a few seconds, before 540.
+# Exits non-zero if the install, the tests or a benchmark failed (a WRONG provider included); every step runs either
+# way, so that its figures come back.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [--no-install] [--no-tests] [--quick] [NAME ...]}
+shift
+install=1 tests=1 bench_args=()
+for arg in "$@"; do
+  case $arg in
+    --no-install) install=0 ;;
+    --no-tests) tests=0 ;;
+    *) bench_args+=("$arg") ;;
+  esac
+done
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-
-python3 -m pip install --quiet --no-index --no-build-isolation --no-deps -e . \
-  || { echo "gpu_check: editable install failed; running from the source tree"; export PYTHONPATH=$PWD; }
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
-      torch.cuda.get_device_name())" | tee "$out/versions.txt"
-
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+BENCH_END=${GPU_CHECK_BENCH_END:-500}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/logs" "$work/results"
+summary=$work/summary.log
 status=0
-# The suite compiles hundreds of kernel variants: in parallel where pytest-xdist is installed (one GPU suffices).
-parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16 -p no:benchmark")
-python3 -m pytest -q -ra $parallel tests 2>&1 | tee "$out/tests.log" || status=1
-python3 -m benchmarks.bench_norms --out "$out" 2>&1 | tee "$out/bench_norms.log" || status=1
-python3 -m benchmarks.bench_attention --out "$out" 2>&1 | tee "$out/bench_attention.log" || status=1
-python3 scripts/gpt2_small_check.py "$out" 2>&1 | tee "$out/gpt2_small_check.log" || status=1
+
+say() { echo "gpu_check: $*" | tee -a "$summary"; }
+# Seconds from now until second $1 of the run, at least 10 (timeout 0 would mean no limit at all).
+until_second() { local left=$(($1 - (SECONDS - start))); echo $((left < 10 ? 10 : left)); }
+
+if [ "$install" = 1 ]; then
+  if timeout 150 "$python" -m pip install --no-index --no-build-isolation --no-deps -e . >"$work/logs/install.log" 2>&1
+  then say "installed lmrt (editable) in $((SECONDS - start)) s"
+  else say "the editable install failed (logs/install.log); running from the source tree"; status=1
+       export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  fi
+fi
+"$python" -m lmrt info 2>&1 | tee -a "$summary"
+# The results folder of this device (benchmarks/results/<device>/: cpu, h100, ...) and whether it has a GPU.
+read -r device gpu _ < <("$python" -c "from benchmarks import common; import torch; d = common.default_device()
+folder = common.device_folder(d.type, common.device_name(d))
+print(folder, int(d.type == 'cuda'), f'(results folder {folder}; torch CUDA {torch.version.cuda})')" | tee -a "$summary")
+
+if [ "${gpu:-0}" != 1 ]; then
+  say "no CUDA GPU here: the CUDA tests are skipped (CI runs the suite on the CPU); the benchmarks run on the CPU"
+elif [ "$tests" = 1 ]; then
+  export TRITON_INTERPRET=0
+  parallel=$("$python" -c "import xdist" 2>/dev/null && echo "-n 16 -p no:benchmark")
+  limit=$(until_second 300)
+  # shellcheck disable=SC2086  # $parallel is two options or none
+  timeout "$limit" "$python" -m pytest -q -ra $parallel tests >"$work/logs/tests.log" 2>&1
+  rc=$?
+  case $rc in
+    0) ;;
+    124) say "tests: cut short by the ${limit} s limit (logs/tests.log)"; status=1 ;;
+    *) status=1 ;;
+  esac
+  say "tests: exit $rc in $((SECONDS - start)) s; their summary:"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$work/logs/tests.log" | tail -n 40 | tee -a "$summary"
+else
+  say "tests skipped (--no-tests)"
+fi
+
+results=$work/results/${device:-unknown}
+budget=$(until_second "$BENCH_END")
+say "benchmarks ${bench_args[*]:-(all)} into results/$device with a budget of $budget s"
+timeout "$(until_second 530)" "$python" -m benchmarks --out "$results" --budget "$budget" "${bench_args[@]}" \
+  >"$work/logs/benchmarks.log" 2>&1 || status=1
+grep -E "WRONG|not run|benchmark seconds|Traceback|Error" "$work/logs/benchmarks.log" | grep -v "^[│┃]" \
+  | tail -n 40 | tee -a "$summary"
+"$python" -m benchmarks.report --results "$work/results" --out "$work/BENCHMARKS.md" >>"$summary" 2>&1 || status=1
+
+say "done in $((SECONDS - start)) s, exit status $status"
+cp "$summary" "$out/summary.log"
+cp "$work/logs/benchmarks.log" "$out/benchmarks.log"
+tar -czf "$out/gpu_check.tar.gz" -C "$work" .
 exit $status

@@ -1,39 +1,15 @@
 import functools
-import itertools
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from benchmarks.bench_attention import (
-    MODES,
-    SDPA_BACKENDS,
-    Provider,
-    attention_flops,
-    check_shape,
-    exact_results,
-    main,
-    make_case,
-    measure,
-)
-from tests.benchmarks.quick_run import run_quick
+from benchmarks import common, harness
+from benchmarks.bench_attention import BENCHMARK, SDPA_BACKENDS, attention_flops, check_shape, make_case
+from benchmarks.harness import MODES, Provider
 from tests.conftest import DEVICE
 
-
-def test_quick_run_writes_correct_timed_rows(tmp_path):
-    results = run_quick(main, "bench_attention", tmp_path, ceilings=["matmul_tflops"])
-
-    assert {"lmrt", "sdpa-math", "naive"} <= {row["provider"] for row in results}
-    assert {(row["mode"], row["causal"]) for row in results} == set(itertools.product(MODES, (False, True)))
-    for row in results:
-        if row["status"] == "unsupported":  # on a GPU, SDPA's flash and cuDNN backends refuse the float32 quick grid
-            assert row["provider"] in ("sdpa-flash", "sdpa-cudnn") and row["error"], row
-            continue
-        assert row["status"] == "ok", row
-        assert row["ms"] > 0 and row["tflops"] > 0 and row["matmul_fraction"] > 0, row
-        assert row["ms_p20"] <= row["ms"] <= row["ms_p80"], row
-        assert row["time_vs_best_sdpa"] > 0, row
-        assert row["check_shape"] == [row["batch"], row["heads"], row["seqlen"], row["head_dim"]], row
+CEILINGS = common.Ceilings(1.0, 1, 1.0, 1, "float32")
 
 
 def _untimeable(fn, grad_to_none):
@@ -44,11 +20,17 @@ def _case(causal=False, device=DEVICE):
     return make_case(1, 2, 64, 32, causal, torch.float32, torch.device(device))
 
 
+def _measure(provider, case, mode, timer=_untimeable):
+    exact = harness.run_once(BENCHMARK.reference, case.as_float64(), grads=True)
+    verdict = harness.check_provider(provider, case, exact, [mode])[mode]
+    return harness.measure({"flops": 1.0}, provider, case, mode, verdict, timer, common.COMPUTE,
+                           CEILINGS)
+
+
 def test_wrong_output_is_reported_and_not_timed():
-    case = _case(causal=True)
     wrong = Provider("wrong", lambda *args, **kwargs: F.scaled_dot_product_attention(*args, **kwargs) * 1.01)
 
-    row = measure(case, case, exact_results(case), wrong, "fwd", _untimeable, matmul_ceiling=1.0)
+    row = _measure(wrong, _case(causal=True), "fwd")
 
     assert row["status"] == "WRONG" and row["error"].startswith("output:"), row
     assert row["ms"] is None and row["tflops"] is None
@@ -60,29 +42,46 @@ def test_wrong_gradient_is_reported_and_not_timed():
         out = F.scaled_dot_product_attention(*args, **kwargs)
         return out + 0.5 * (out - out.detach())
 
-    case = _case()
     wrong = Provider("wrong", right_forward_wrong_backward)
-    exact = exact_results(case)
+    case = _case()
+    exact = harness.run_once(BENCHMARK.reference, case.as_float64(), grads=True)
 
-    assert measure(case, case, exact, wrong, "fwd", lambda fn, grads: (1.0, 1.0, 1.0), 1.0)["status"] == "ok"
+    verdicts = harness.check_provider(wrong, case, exact, MODES)
+    assert verdicts["fwd"] is None
     for mode in ("bwd", "fwd+bwd"):
-        row = measure(case, case, exact, wrong, mode, _untimeable, matmul_ceiling=1.0)
-        assert row["status"] == "WRONG" and row["error"].startswith("grad_query:"), row
+        assert verdicts[mode][0] == "WRONG" and verdicts[mode][1].startswith("grad_query:"), verdicts
+    row = _measure(wrong, case, "fwd", timer=lambda fn, grads: (2.0, 1.0, 3.0))
+    assert row["status"] == "ok" and row["tflops"] == 1.0 / 2e-3 / 1e12, row
 
 
 def test_a_backend_that_refuses_is_unsupported_and_another_that_raises_is_wrong():
     # PyTorch has no memory-efficient attention kernel for CPU tensors: sdpa_kernel makes the call raise.
     case = _case(device="cpu")
-    exact = exact_results(case)
-    efficient = Provider("sdpa-efficient", F.scaled_dot_product_attention,
-                         functools.partial(sdpa_kernel, SDPA_BACKENDS["sdpa-efficient"]), refuses=True)
-    broken = Provider("broken", efficient.attention, efficient.context)
-
-    refused = measure(case, case, exact, efficient, "fwd", _untimeable, matmul_ceiling=1.0)
-    failed = measure(case, case, exact, broken, "fwd", _untimeable, matmul_ceiling=1.0)
+    context = functools.partial(sdpa_kernel, SDPA_BACKENDS["sdpa-efficient"])
+    refused = _measure(Provider("sdpa-efficient", F.scaled_dot_product_attention, context, refuses=True), case, "fwd")
+    failed = _measure(Provider("broken", F.scaled_dot_product_attention, context), case, "fwd")
 
     assert refused["status"] == "unsupported" and refused["error"].startswith("raised RuntimeError"), refused
     assert failed["status"] == "WRONG" and failed["error"] == refused["error"], failed
+
+
+def test_untimed_provider_is_checked_but_not_timed():
+    right = Provider("lmrt-triton", F.scaled_dot_product_attention, untimed=harness.INTERPRETED)
+    wrong = Provider("lmrt-triton", lambda *args, **kwargs: F.scaled_dot_product_attention(*args, **kwargs) * 2,
+                     untimed=harness.INTERPRETED)
+
+    assert _measure(right, _case(), "bwd")["status"] == "untimed"
+    assert _measure(wrong, _case(), "bwd")["status"] == "WRONG"
+
+
+def test_providers_on_the_cpu_skip_what_pytorch_lacks_with_a_reason():
+    found, skipped = BENCHMARK.providers(torch.device("cpu"), compile_skip="--no-compile")
+
+    names = [provider.name for provider in found]
+    assert names[-3:] == ["sdpa-flash", "sdpa-math", "naive"], names
+    assert set(skipped) >= {"lmrt-cuda", "sdpa-efficient", "sdpa-cudnn", "compile"}, skipped
+    assert [p.name for p in found if p.pytorch] == ["sdpa-flash", "sdpa-math"]
+    assert skipped["compile"] == "--no-compile"
 
 
 def test_check_runs_on_a_reduced_case():
