@@ -174,10 +174,11 @@ __device__ __forceinline__ T from_float(float x) {
   }
 }
 
-// The accumulator of the backward's dP = dO V^T. dS = P (dP - delta) cancels: with float32 inputs both terms are
-// accumulated in float64 and rounded once (float products are exact in double), so the difference keeps float32
-// accuracy (PyTorch's float32 softmax backward forms its delta from the same dP, which cancels exactly where a
-// row sees one key). 16-bit inputs take dP from the tensor cores in float32, as every flash attention does.
+// The accumulator of the backward's dP = dO V^T. dS = P (dP - delta) subtracts nearly equal numbers, so their
+// rounding errors dominate dS: with float32 inputs both are summed in float64 and rounded once (float products
+// are exact in double), which keeps dQ and dK as accurate as PyTorch's float32 backward (whose delta, formed from
+// the same dP, cancels exactly where a row sees a single key: so does this one). 16-bit inputs take dP from the
+// tensor cores in float32, as every flash attention does.
 template <typename T>
 using DpAcc = std::conditional_t<std::is_same_v<T, float>, double, float>;
 
