@@ -97,14 +97,15 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
         if device_type == "cpu":
             return None if triton_interpreter_enabled() else "triton runs CPU tensors only with TRITON_INTERPRET=1"
         return f"triton does not run {device_type} tensors"
+    # What the build lacks comes first: it is what `lmrt info` should tell.
     cpp_built, cuda_built, why_not = extension_status()
     if name == "cpp":
-        if device_type != "cpu":
-            return f"the cpp backend runs CPU tensors, not {device_type} tensors"
-        return None if cpp_built else why_not
-    if device_type != "cuda":
-        return f"the cuda backend runs CUDA tensors, not {device_type} tensors"
-    return None if cuda_built else why_not
+        if not cpp_built:
+            return why_not
+        return None if device_type == "cpu" else f"the cpp backend runs CPU tensors, not {device_type} tensors"
+    if not cuda_built:
+        return why_not
+    return None if device_type == "cuda" else f"the cuda backend runs CUDA tensors, not {device_type} tensors"
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
