@@ -45,9 +45,13 @@ bool is_kernel_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
+void check_kernel_dtype(const char* op, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(is_kernel_dtype(dtype), "lmrt_C::", op, ": `", name, "` must be float32, float16 or bfloat16, got ",
+              dtype);
+}
+
 void check_kernel_dtype(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), "lmrt_C::", op, ": `", name,
-              "` must be float32, float16 or bfloat16, got ", t.scalar_type());
+  check_kernel_dtype(op, name, t.scalar_type());
 }
 
 void check_device(const char* op, const char* name, const Tensor& t, const Tensor& like) {
@@ -248,8 +252,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const
 Tensor softmax_fwd(const Tensor& x, at::ScalarType out_dtype, bool log) {
   constexpr const char* op = "softmax_fwd";
   check_rows(op, "x", x);
-  TORCH_CHECK(is_kernel_dtype(out_dtype), "lmrt_C::", op,
-              ": `out_dtype` must be float32, float16 or bfloat16, got ", out_dtype);
+  check_kernel_dtype(op, "out_dtype", out_dtype);
   Tensor y = empty_rows(x, out_dtype);
   if (x.numel() == 0) {
     return y;
@@ -272,8 +275,7 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, at::ScalarType input_dtype
   check_rows(op, "y", y);
   check_rows(op, "dy", dy);
   check_same_shape(op, "dy", dy, y);
-  TORCH_CHECK(is_kernel_dtype(input_dtype), "lmrt_C::", op,
-              ": `input_dtype` must be float32, float16 or bfloat16, got ", input_dtype);
+  check_kernel_dtype(op, "input_dtype", input_dtype);
   const Tensor dy_y = dy.scalar_type() == y.scalar_type() ? dy : dy.to(y.scalar_type());
   Tensor dx = empty_rows(y, input_dtype);
   if (y.numel() == 0) {

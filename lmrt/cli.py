@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import lmrt
 from lmrt import backends
-from lmrt.data import load_tokenizer, write_token_file
+from lmrt.data import write_token_file
 from lmrt.data.token_file import tokenizer_path
 from lmrt.train.checkpoint import CheckpointError, CheckpointManager
 from lmrt.train.config import MODELS, TOKENIZERS, TrainConfig, read_settings
@@ -118,12 +118,7 @@ def _train_config(args) -> TrainConfig:
     if args.out:
         values["out_dir"] = args.out
     values.setdefault("out_dir", f"runs/{values.get('preset') or values.get('model', 'gpt')}")
-    config = TrainConfig.from_dict(values).with_overrides(args.set)
-    if config.data is not None and config.data.endswith(".bin") and tokenizer_path(config.data).is_file():
-        # The ids of a .bin file are its tokenizer's (lmrt tokenize writes it beside the file), whatever a preset,
-        # config file or override says.
-        config = config.with_overrides([f"tokenizer={load_tokenizer(tokenizer_path(config.data)).kind}"])
-    return config
+    return TrainConfig.from_dict(values).with_overrides(args.set)
 
 
 def _train(args) -> int:

@@ -13,7 +13,10 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
+#include "dispatch.h"
 #include "float_rows.h"
 
 namespace lmrt::cpu {
@@ -87,6 +90,11 @@ inline int64_t bwd_rows_per_task(int64_t rows, int64_t cols) {
   return std::max<int64_t>((rows + kMaxTasks - 1) / kMaxTasks, rows_per_task(cols));
 }
 
+inline int64_t bwd_task_count(int64_t rows, int64_t cols) {
+  const int64_t task_rows = bwd_rows_per_task(rows, cols);
+  return (rows + task_rows - 1) / task_rows;
+}
+
 // dx (or null), and the float32 partial column sums of dy*x_hat (dweight_partial) and dy (dbias_partial), one
 // row of `cols` per task, or null when not asked for.
 template <bool kRms, typename T>
@@ -94,9 +102,8 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
               const float* mean, const float* rstd, T* dx, float* dweight_partial, float* dbias_partial, int64_t rows,
               int64_t cols) {
   const int64_t task_rows = bwd_rows_per_task(rows, cols);
-  const int64_t tasks = (rows + task_rows - 1) / task_rows;
   constexpr int64_t kWidth = FloatVec::size();
-  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+  at::parallel_for(0, bwd_task_count(rows, cols), 1, [&](int64_t task_begin, int64_t task_end) {
     constexpr bool kFloat = std::is_same_v<T, float>;
     std::vector<float> x_scratch(kFloat ? 0 : cols), dy_scratch(kFloat ? 0 : cols), x_hat(cols), w_dy(cols);
     std::vector<float> dx_scratch(kFloat ? 0 : cols);
@@ -159,6 +166,37 @@ inline void sum_partials(const float* partial, int64_t tasks, int64_t cols, floa
                            partial + t * cols + begin, end - begin);
     }
   });
+}
+
+// The tensor-level forward of both norms (layout in layer_norm.h): `bias` and `mean` are undefined for RMSNorm.
+template <bool kRms>
+void norm_fwd_tensors(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                      const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd) {
+  LMRT_DISPATCH_KERNEL_TYPES(x.scalar_type(), "lmrt norm forward (cpp)", [&] {
+    norm_fwd<kRms>(x.const_data_ptr<scalar_t>(), x.stride(0), data_or_null<float>(weight), data_or_null<float>(bias),
+                   y.data_ptr<scalar_t>(), data_or_null<float>(mean), rstd.data_ptr<float>(), x.size(0), x.size(1),
+                   static_cast<float>(eps));
+  });
+}
+
+// The tensor-level backward of both norms: the outputs that are defined, dweight and dbias added up from the
+// tasks' float32 partial sums.
+template <bool kRms>
+void norm_bwd_tensors(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+                      const at::Tensor& rstd, const at::Tensor& dx, const at::Tensor& dweight,
+                      const at::Tensor& dbias) {
+  const int64_t rows = x.size(0), cols = x.size(1), tasks = bwd_task_count(rows, cols);
+  const auto partial_options = x.options().dtype(at::kFloat);
+  const at::Tensor dweight_partial = dweight.defined() ? at::empty({tasks, cols}, partial_options) : at::Tensor();
+  const at::Tensor dbias_partial = dbias.defined() ? at::empty({tasks, cols}, partial_options) : at::Tensor();
+  LMRT_DISPATCH_KERNEL_TYPES(x.scalar_type(), "lmrt norm backward (cpp)", [&] {
+    norm_bwd<kRms>(dy.const_data_ptr<scalar_t>(), dy.stride(0), x.const_data_ptr<scalar_t>(), x.stride(0),
+                   data_or_null<float>(weight), data_or_null<float>(mean), rstd.const_data_ptr<float>(),
+                   data_or_null<scalar_t>(dx), data_or_null<float>(dweight_partial),
+                   data_or_null<float>(dbias_partial), rows, cols);
+  });
+  if (dweight.defined()) sum_partials(dweight_partial.const_data_ptr<float>(), tasks, cols, dweight.data_ptr<float>());
+  if (dbias.defined()) sum_partials(dbias_partial.const_data_ptr<float>(), tasks, cols, dbias.data_ptr<float>());
 }
 
 }  // namespace lmrt::cpu

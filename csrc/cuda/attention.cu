@@ -49,6 +49,7 @@
 #include <cstdio>
 
 #include "attention_mma.cuh"
+#include "vector_io.cuh"
 
 namespace lmrt::cuda {
 namespace {
@@ -151,28 +152,6 @@ struct DkdvTiles {
   static constexpr int kSmemBytes =
       (2 * kBlockN + 4 * kBlockM) * kPitch<T, kHeadDim> * sizeof(T) + 4 * kBlockM * sizeof(float);
 };
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(x);
-  } else {
-    return __bfloat162float(x);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(x);
-  } else {
-    return __float2bfloat16_rn(x);
-  }
-}
 
 // The accumulator of the backward's dP = dO V^T. dS = P (dP - delta) subtracts nearly equal numbers, so their
 // rounding errors dominate dS: with float32 inputs both are summed in float64 and rounded once (float products
@@ -282,9 +261,9 @@ __device__ __forceinline__ void mask_scores(float (&s)[kMTiles][kTiles][4], int 
           } else if (p.mask.dtype == DType::kFloat32) {
             x += reinterpret_cast<const float*>(mask)[at] * kLog2e;
           } else if (p.mask.dtype == DType::kFloat16) {
-            x += __half2float(reinterpret_cast<const __half*>(mask)[at]) * kLog2e;
+            x += to_float(reinterpret_cast<const __half*>(mask)[at]) * kLog2e;
           } else {
-            x += __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(mask)[at]) * kLog2e;
+            x += to_float(reinterpret_cast<const __nv_bfloat16*>(mask)[at]) * kLog2e;
           }
         }
         if (bounds && (key >= p.k_len || (p.causal && key > query + p.shift))) x = -kInf;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -31,6 +32,7 @@ def pick_backend(
     return backends.select(op, device, backends.BACKENDS, unsupported)
 
 
+@functools.cache
 def extension_ops():
     """The operators of the extension lmrt._C (torch.ops.lmrt_C), which serve the cpp and cuda backends."""
     import lmrt._C  # noqa: F401  (loading the library registers the operators)

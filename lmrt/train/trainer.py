@@ -118,6 +118,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         saved_tokenizer = tokenizer_from_dict(checkpoint["state"]["tokenizer"]) if checkpoint else None
         self.tokenizer, tokens = corpus_tokens(config, saved_tokenizer)
+        if self.tokenizer.kind != config.tokenizer:
+            # A .bin file's ids are its own tokenizer's, whatever the setting said: the saved config tells the truth.
+            self.config = config = config.with_overrides([f"tokenizer={self.tokenizer.kind}"])
         train_tokens, validation_tokens = split_tokens(tokens, config.validation_fraction)
         self.train_data = self._dataset(train_tokens)
         self.validation_data = self._dataset(validation_tokens)
