@@ -32,6 +32,17 @@ def pick_backend(
     return backends.select(op, device, backends.BACKENDS, unsupported)
 
 
+def eager_extension_call(op: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> bool:
+    """Whether this call of `op` runs eagerly on the cpp or cuda backend, and so through the extension's own
+    differentiable operator `torch.ops.lmrt_C.<op>` (csrc/autograd.cpp).
+
+    That operator makes the same kernel calls as the custom op `lmrt::<op>_fwd` and its backward, with one C++
+    dispatch where the custom op spends some 40 us in Python per call. Under torch.compile the custom op stays the
+    unit that the compiler sees.
+    """
+    return not torch.compiler.is_compiling() and pick_backend(op, device, dtypes) in ("cpp", "cuda")
+
+
 @functools.cache
 def extension_ops():
     """The operators of the extension lmrt._C (torch.ops.lmrt_C), which serve the cpp and cuda backends."""

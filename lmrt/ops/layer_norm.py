@@ -9,7 +9,7 @@ from torch import Tensor
 from lmrt import reference
 from lmrt._layout import as_rows
 from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
-from lmrt.ops._dispatch import extension_ops, flat_parameter, pick_backend, unit_column_stride
+from lmrt.ops._dispatch import eager_extension_call, extension_ops, flat_parameter, pick_backend, unit_column_stride
 
 
 def layer_norm(
@@ -24,6 +24,9 @@ def layer_norm(
     normalized_shape = check_normalized_shape("layer_norm", input, normalized_shape)
     check_parameter("layer_norm", "weight", weight, input, normalized_shape)
     check_parameter("layer_norm", "bias", bias, input, normalized_shape)
+    dtypes = [t.dtype for t in (input, weight, bias) if t is not None]
+    if eager_extension_call("layer_norm", input.device, dtypes):
+        return extension_ops().layer_norm(input, normalized_shape, weight, bias, eps)
     return torch.ops.lmrt.layer_norm_fwd(input, normalized_shape, weight, bias, eps)[0]
 
 

@@ -9,7 +9,7 @@ from torch import Tensor
 from lmrt import reference
 from lmrt._layout import as_rows
 from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
-from lmrt.ops._dispatch import extension_ops, flat_parameter, pick_backend, unit_column_stride
+from lmrt.ops._dispatch import eager_extension_call, extension_ops, flat_parameter, pick_backend, unit_column_stride
 
 
 def rms_norm(
@@ -27,6 +27,9 @@ def rms_norm(
     normalized_shape = check_normalized_shape("rms_norm", input, normalized_shape)
     check_parameter("rms_norm", "weight", weight, input, normalized_shape)
     eps = torch.finfo(reference.compute_dtype(input.dtype)).eps if eps is None else eps
+    dtypes = [t.dtype for t in (input, weight) if t is not None]
+    if eager_extension_call("rms_norm", input.device, dtypes):
+        return extension_ops().rms_norm(input, normalized_shape, weight, eps)
     return torch.ops.lmrt.rms_norm_fwd(input, normalized_shape, weight, eps)[0]
 
 

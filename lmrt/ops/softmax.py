@@ -8,7 +8,7 @@ from torch import Tensor
 from lmrt import reference
 from lmrt._layout import as_outer_dim_inner
 from lmrt.ops._checks import check_dim, check_floating
-from lmrt.ops._dispatch import extension_ops, pick_backend, unit_column_stride
+from lmrt.ops._dispatch import eager_extension_call, extension_ops, pick_backend, unit_column_stride
 
 
 def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -33,7 +33,9 @@ def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> T
         raise TypeError(f"lmrt.ops.{op}: `dtype` must be a floating-point dtype, got {dtype}")
     out_dtype = input.dtype if dtype is None else dtype
     if input.dim() == 0:
-        return torch.ops.lmrt.softmax_fwd(input.reshape(1), 0, out_dtype, log).reshape(())
+        return _softmax(input.reshape(1), 0, dtype, log).reshape(())
+    if eager_extension_call(op, input.device, (input.dtype, out_dtype)):
+        return extension_ops().softmax(input, dim, out_dtype, log)
     return torch.ops.lmrt.softmax_fwd(input, dim, out_dtype, log)
 
 

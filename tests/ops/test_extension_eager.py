@@ -1,0 +1,104 @@
+"""The eager path of the extension backends: on cpp (CPU) or cuda (GPU), lmrt.ops.layer_norm, rms_norm, softmax and
+log_softmax call the extension's differentiable operators (torch.ops.lmrt_C.<op>, csrc/autograd.cpp) instead of the
+custom ops lmrt::<op>_fwd that torch.compile sees. Both run the same kernels on the same layouts, so their outputs
+and gradients must be bitwise equal; the op tests (test_<op>.py) hold the results to the reference."""
+
+import pytest
+import torch
+
+import lmrt
+from tests.conftest import DEVICE, DTYPES
+
+BACKEND = "cuda" if DEVICE == "cuda" else "cpp"
+pytestmark = pytest.mark.skipif(lmrt.backends.unavailable_reason(BACKEND, DEVICE) is not None,
+                                reason=f"backend {BACKEND}: {lmrt.backends.unavailable_reason(BACKEND, DEVICE)}")
+
+
+def _outputs_and_grads(fn, inputs, grad_output):
+    """fn(*inputs) and the gradients of every input that requires grad (None for the others)."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    with lmrt.backend(BACKEND):
+        out = fn(*leaves)
+        differentiable = [t for t in leaves if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(out, differentiable, grad_output) if differentiable else ()
+    return out, grads
+
+
+def _check_paths_agree(public_op, custom_op, inputs, grad_node):
+    """`public_op` (the eager path) and `custom_op` (the compiled path) give bitwise equal outputs and gradients,
+    and the eager path's backward is the extension's Function `grad_node`."""
+    with lmrt.backend(BACKEND):
+        eager_out = public_op(*inputs)
+    if any(t is not None and t.requires_grad for t in inputs):
+        assert grad_node in eager_out.grad_fn.name()
+    grad_output = torch.randn_like(eager_out)
+    eager, eager_grads = _outputs_and_grads(public_op, inputs, grad_output)
+    compiled, compiled_grads = _outputs_and_grads(custom_op, inputs, grad_output)
+    assert torch.equal(eager, compiled)
+    assert eager.dtype == compiled.dtype and eager.shape == compiled.shape
+    for a, b in zip(eager_grads, compiled_grads, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+def _tensor(shape, dtype, requires_grad=True, present=True):
+    return torch.randn(shape, device=DEVICE, dtype=dtype).requires_grad_(requires_grad) if present else None
+
+
+# (input shape, normalized trailing dims, weight requires grad, bias requires grad, input requires grad)
+NORM_CASES = [((7, 97), 1, True, True, True), ((2, 3, 5, 24), 2, True, True, True), ((3, 781), 1, True, False, True),
+              ((4, 33), 1, False, True, False), ((4, 33), 1, True, True, False), ((5, 64), 1, False, False, True),
+              ((0, 16), 1, True, True, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NORM_CASES, ids=str)
+@pytest.mark.parametrize("bias_present", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("weight_present", [True, False], ids=["weight", "no_weight"])
+def test_layer_norm(case, dtype, weight_present, bias_present):
+    shape, ndim, weight_grad, bias_grad, input_grad = case
+    normalized_shape = shape[len(shape) - ndim :]
+    x = _tensor(shape, dtype, input_grad)
+    weight = _tensor(normalized_shape, dtype, weight_grad, weight_present)
+    bias = _tensor(normalized_shape, dtype, bias_grad, bias_present)
+    _check_paths_agree(lambda x, w, b: lmrt.ops.layer_norm(x, normalized_shape, w, b, 1e-5),
+                       lambda x, w, b: torch.ops.lmrt.layer_norm_fwd(x, normalized_shape, w, b, 1e-5)[0],
+                       [x, weight, bias], "LayerNormFunction")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NORM_CASES, ids=str)
+@pytest.mark.parametrize("weight_present", [True, False], ids=["weight", "no_weight"])
+def test_rms_norm(case, dtype, weight_present):
+    shape, ndim, weight_grad, _, input_grad = case
+    normalized_shape = shape[len(shape) - ndim :]
+    x = _tensor(shape, dtype, input_grad)
+    weight = _tensor(normalized_shape, dtype, weight_grad, weight_present)
+    _check_paths_agree(lambda x, w: lmrt.ops.rms_norm(x, normalized_shape, w, 1e-6),
+                       lambda x, w: torch.ops.lmrt.rms_norm_fwd(x, normalized_shape, w, 1e-6)[0],
+                       [x, weight], "RmsNormFunction")
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((7, 97), -1), ((3, 5, 33), 0), ((3, 5, 33), 1), ((4, 0), 1)], ids=str)
+def test_softmax(shape, dim, log, dtype, out_dtype):
+    public = lmrt.ops.log_softmax if log else lmrt.ops.softmax
+    _check_paths_agree(lambda x: public(x, dim, dtype=out_dtype),
+                       lambda x: torch.ops.lmrt.softmax_fwd(x, dim % x.dim(), out_dtype or x.dtype, log),
+                       [_tensor(shape, dtype)], "SoftmaxFunction")
+
+
+def test_strided_inputs_and_inference_mode():
+    transposed = torch.randn(97, 7, device=DEVICE).t().requires_grad_()
+    weight = torch.randn(97, device=DEVICE, requires_grad=True)
+    _check_paths_agree(lambda x, w: lmrt.ops.layer_norm(x, (97,), w),
+                       lambda x, w: torch.ops.lmrt.layer_norm_fwd(x, (97,), w, None, 1e-5)[0],
+                       [transposed, weight], "LayerNormFunction")
+    _check_paths_agree(lambda x: lmrt.ops.softmax(x, 0), lambda x: torch.ops.lmrt.softmax_fwd(x, 0, x.dtype, False),
+                       [transposed], "SoftmaxFunction")
+    x = torch.randn(5, 97, device=DEVICE)
+    with torch.inference_mode(), lmrt.backend(BACKEND):
+        assert torch.equal(lmrt.ops.rms_norm(x, (97,), weight.detach(), 1e-6),
+                           torch.ops.lmrt.rms_norm_fwd(x, (97,), weight.detach(), 1e-6)[0])
