@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 #include <ATen/cpu/vec/functional.h>
@@ -60,87 +61,91 @@ inline void store_row(const float* computed, T* dst, int64_t n) {
   }
 }
 
-// Elements per piece of the row helpers below: 4 KiB of float32, which stays in L1.
-constexpr int64_t kFloatChunk = 1024;
+// Elements per step of the loops below: one vector of float16/bfloat16, which converts to two of float32.
+constexpr int64_t kStep = 2 * FloatVec::size();
+static_assert(at::vec::Vectorized<c10::BFloat16>::size() == kStep && at::vec::Vectorized<c10::Half>::size() == kStep);
 
-// Call fn(chunk, offset, length) over consecutive pieces of a row of `n` elements read as float32: the row itself
-// for float32, else pieces converted into a small buffer that stays in L1, so that one pass over the row both
-// converts and computes.
-template <typename T, typename Fn>
-inline void for_float_chunks(const T* src, int64_t n, const Fn& fn) {
+// kStep elements of a float32, float16 or bfloat16 row as two float32 vectors, converted in registers.
+template <typename T>
+inline std::tuple<FloatVec, FloatVec> load_floats(const T* src) {
   if constexpr (std::is_same_v<T, float>) {
-    fn(src, int64_t{0}, n);
+    return {FloatVec::loadu(src), FloatVec::loadu(src + FloatVec::size())};
   } else {
-    float chunk[kFloatChunk];
-    for (int64_t offset = 0; offset < n; offset += kFloatChunk) {
-      const int64_t length = std::min(kFloatChunk, n - offset);
-      to_float(src + offset, chunk, length);
-      fn(static_cast<const float*>(chunk), offset, length);
-    }
+    return at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src));
   }
 }
 
-// The same over two rows at once: fn(chunk_a, chunk_b, offset, length).
-template <typename T, typename Fn>
-inline void for_float_chunks2(const T* a, const T* b, int64_t n, const Fn& fn) {
+// Store two float32 vectors as kStep elements of type T.
+template <typename T>
+inline void store_floats(T* dst, const FloatVec& a, const FloatVec& b) {
   if constexpr (std::is_same_v<T, float>) {
-    fn(a, b, int64_t{0}, n);
+    a.store(dst);
+    b.store(dst + FloatVec::size());
   } else {
-    float chunk_a[kFloatChunk], chunk_b[kFloatChunk];
-    for (int64_t offset = 0; offset < n; offset += kFloatChunk) {
-      const int64_t length = std::min(kFloatChunk, n - offset);
-      to_float(a + offset, chunk_a, length);
-      to_float(b + offset, chunk_b, length);
-      fn(static_cast<const float*>(chunk_a), static_cast<const float*>(chunk_b), offset, length);
-    }
+    at::vec::convert_from_float<T>(a, b).store(dst);
   }
 }
 
-// Sum over i of f(x[i]) (vector form `fv`, scalar form `fs`), with four vector accumulators.
-template <typename VecFn, typename ScalarFn>
-inline float reduce_sum(const float* x, int64_t n, const VecFn& fv, const ScalarFn& fs) {
-  constexpr int64_t kWidth = FloatVec::size();
-  FloatVec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
+// dst[i] = f(src[i]) over a row of n, computed in float32 whatever the two types (vector form `fv`, scalar `fs`).
+template <typename Src, typename Dst, typename VecFn, typename ScalarFn>
+inline void map_floats(const Src* src, Dst* dst, int64_t n, const VecFn& fv, const ScalarFn& fs) {
   int64_t i = 0;
-  for (; i + 4 * kWidth <= n; i += 4 * kWidth) {
-    acc0 += fv(FloatVec::loadu(x + i));
-    acc1 += fv(FloatVec::loadu(x + i + kWidth));
-    acc2 += fv(FloatVec::loadu(x + i + 2 * kWidth));
-    acc3 += fv(FloatVec::loadu(x + i + 3 * kWidth));
+  for (; i + kStep <= n; i += kStep) {
+    const auto [a, b] = load_floats(src + i);
+    store_floats(dst + i, fv(a), fv(b));
   }
-  for (; i + kWidth <= n; i += kWidth) {
-    acc0 += fv(FloatVec::loadu(x + i));
-  }
-  float total = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return a + b; },
-                                               (acc0 + acc1) + (acc2 + acc3));
   for (; i < n; ++i) {
-    total += fs(x[i]);
+    dst[i] = static_cast<Dst>(fs(static_cast<float>(src[i])));
   }
-  return total;
 }
 
-// Sum over i of f(x[i], y[i]).
-template <typename VecFn, typename ScalarFn>
-inline float reduce_sum2(const float* x, const float* y, int64_t n, const VecFn& fv, const ScalarFn& fs) {
-  constexpr int64_t kWidth = FloatVec::size();
+// dst[i] = f(x[i], y[i]).
+template <typename Src, typename Dst, typename VecFn, typename ScalarFn>
+inline void map_floats2(const Src* x, const Src* y, Dst* dst, int64_t n, const VecFn& fv, const ScalarFn& fs) {
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    const auto [x0, x1] = load_floats(x + i);
+    const auto [y0, y1] = load_floats(y + i);
+    store_floats(dst + i, fv(x0, y0), fv(x1, y1));
+  }
+  for (; i < n; ++i) {
+    dst[i] = static_cast<Dst>(fs(static_cast<float>(x[i]), static_cast<float>(y[i])));
+  }
+}
+
+// Sum over a row of n of f(x[i]), in float32.
+template <typename T, typename VecFn, typename ScalarFn>
+inline float sum_floats(const T* x, int64_t n, const VecFn& fv, const ScalarFn& fs) {
   FloatVec acc0(0.f), acc1(0.f);
   int64_t i = 0;
-  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
-    acc0 += fv(FloatVec::loadu(x + i), FloatVec::loadu(y + i));
-    acc1 += fv(FloatVec::loadu(x + i + kWidth), FloatVec::loadu(y + i + kWidth));
-  }
-  for (; i + kWidth <= n; i += kWidth) {
-    acc0 += fv(FloatVec::loadu(x + i), FloatVec::loadu(y + i));
+  for (; i + kStep <= n; i += kStep) {
+    const auto [a, b] = load_floats(x + i);
+    acc0 += fv(a);
+    acc1 += fv(b);
   }
   float total = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return a + b; }, acc0 + acc1);
   for (; i < n; ++i) {
-    total += fs(x[i], y[i]);
+    total += fs(static_cast<float>(x[i]));
   }
   return total;
 }
 
-inline float row_max(const float* x, int64_t n) {
-  return at::vec::reduce_all<float>([](FloatVec a, FloatVec b) { return at::vec::maximum(a, b); }, x, n);
+// Sum over a row of n of f(x[i], y[i]), in float32.
+template <typename T, typename VecFn, typename ScalarFn>
+inline float sum_floats2(const T* x, const T* y, int64_t n, const VecFn& fv, const ScalarFn& fs) {
+  FloatVec acc0(0.f), acc1(0.f);
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    const auto [x0, x1] = load_floats(x + i);
+    const auto [y0, y1] = load_floats(y + i);
+    acc0 += fv(x0, y0);
+    acc1 += fv(x1, y1);
+  }
+  float total = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return a + b; }, acc0 + acc1);
+  for (; i < n; ++i) {
+    total += fs(static_cast<float>(x[i]), static_cast<float>(y[i]));
+  }
+  return total;
 }
 
 // Rows per parallel task, so that a task touches at least ~32K elements (parallel overhead stays small).

@@ -9,7 +9,9 @@
 // owns a fixed range of rows and writes its partial column sums, which are then added in task order.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -55,15 +57,15 @@ void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float
       const float inv_n = 1.f / static_cast<float>(cols);
       float mu = 0.f, var = 0.f;
       if constexpr (kRms) {
-        var = reduce_sum(xr, cols, [](FloatVec v) { return v * v; }, [](float v) { return v * v; }) * inv_n;
+        var = sum_floats(xr, cols, [](FloatVec v) { return v * v; }, [](float v) { return v * v; }) * inv_n;
       } else {
         // The rounding error of a float32 sum grows with the row's offset from zero; the moments of the row
         // shifted by that first estimate are small, so they correct the mean and give the variance accurately.
-        const float shift = reduce_sum(xr, cols, [](FloatVec v) { return v; }, [](float v) { return v; }) * inv_n;
+        const float shift = sum_floats(xr, cols, [](FloatVec v) { return v; }, [](float v) { return v; }) * inv_n;
         const FloatVec shift_v(shift);
-        const float residual = reduce_sum(
+        const float residual = sum_floats(
             xr, cols, [&](FloatVec v) { return v - shift_v; }, [&](float v) { return v - shift; }) * inv_n;
-        const float square = reduce_sum(
+        const float square = sum_floats(
             xr, cols, [&](FloatVec v) { v = v - shift_v; return v * v; },
             [&](float v) { v -= shift; return v * v; }) * inv_n;
         mu = shift + residual;
@@ -95,6 +97,44 @@ inline int64_t bwd_task_count(int64_t rows, int64_t cols) {
   return (rows + task_rows - 1) / task_rows;
 }
 
+// The row sums of the backward: sum(g * x_hat) and, for LayerNorm, sum(g), where g = dy * weight (dy without a
+// weight) and x_hat = (x - mean) * rstd; x_hat is recomputed rather than stored, so the row makes two passes
+// through L1/L2 (these sums, then the outputs) instead of one per term.
+template <bool kRms>
+inline std::pair<float, float> bwd_row_sums(const float* x, const float* dy, const float* weight, float mean,
+                                            float rstd, int64_t n) {
+  constexpr int64_t kWidth = FloatVec::size();
+  const FloatVec mean_v(mean), rstd_v(rstd);
+  FloatVec g_xhat0(0.f), g_xhat1(0.f), g0(0.f), g1(0.f);
+  const auto accumulate = [&](int64_t i, FloatVec& g_xhat_acc, FloatVec& g_acc) {
+    const FloatVec g = weight != nullptr ? FloatVec::loadu(dy + i) * FloatVec::loadu(weight + i) : FloatVec::loadu(dy + i);
+    const FloatVec x_hat = (kRms ? FloatVec::loadu(x + i) : FloatVec::loadu(x + i) - mean_v) * rstd_v;
+    g_xhat_acc = at::vec::fmadd(g, x_hat, g_xhat_acc);
+    if constexpr (!kRms) {
+      g_acc += g;
+    }
+  };
+  int64_t i = 0;
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    accumulate(i, g_xhat0, g0);
+    accumulate(i + kWidth, g_xhat1, g1);
+  }
+  for (; i + kWidth <= n; i += kWidth) {
+    accumulate(i, g_xhat0, g0);
+  }
+  const auto add = [](FloatVec a, FloatVec b) { return a + b; };
+  float g_xhat = at::vec::vec_reduce_all<float>(add, g_xhat0 + g_xhat1);
+  float g_sum = kRms ? 0.f : at::vec::vec_reduce_all<float>(add, g0 + g1);
+  for (; i < n; ++i) {
+    const float g = weight != nullptr ? dy[i] * weight[i] : dy[i];
+    g_xhat += g * (kRms ? x[i] : x[i] - mean) * rstd;
+    if constexpr (!kRms) {
+      g_sum += g;
+    }
+  }
+  return {g_xhat, g_sum};
+}
+
 // dx (or null), and the float32 partial column sums of dy*x_hat (dweight_partial) and dy (dbias_partial), one
 // row of `cols` per task, or null when not asked for.
 template <bool kRms, typename T>
@@ -105,8 +145,7 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
   constexpr int64_t kWidth = FloatVec::size();
   at::parallel_for(0, bwd_task_count(rows, cols), 1, [&](int64_t task_begin, int64_t task_end) {
     constexpr bool kFloat = std::is_same_v<T, float>;
-    std::vector<float> x_scratch(kFloat ? 0 : cols), dy_scratch(kFloat ? 0 : cols), x_hat(cols), w_dy(cols);
-    std::vector<float> dx_scratch(kFloat ? 0 : cols);
+    std::vector<float> x_scratch(kFloat ? 0 : cols), dy_scratch(kFloat ? 0 : cols), dx_scratch(kFloat ? 0 : cols);
     for (int64_t task = task_begin; task < task_end; ++task) {
       float* dw = dweight_partial != nullptr ? dweight_partial + task * cols : nullptr;
       float* db = dbias_partial != nullptr ? dbias_partial + task * cols : nullptr;
@@ -117,41 +156,35 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
         const float* dyr = row_as_float(dy + r * dy_row_stride, cols, dy_scratch.data());
         const float mu = kRms ? 0.f : mean[r];
         const float rs = rstd[r];
-        normalize_row<kRms>(xr, mu, rs, nullptr, nullptr, x_hat.data(), cols);
-        const float* g = dyr;
-        if (weight != nullptr) {
-          at::vec::map2<float>([](FloatVec a, FloatVec b) { return a * b; }, w_dy.data(), dyr, weight, cols);
-          g = w_dy.data();
-        }
+        const auto [g_xhat_sum, g_sum] = bwd_row_sums<kRms>(xr, dyr, weight, mu, rs, cols);
         const float inv_n = 1.f / static_cast<float>(cols);
-        const float xhat_g = reduce_sum2(
-            x_hat.data(), g, cols, [](FloatVec a, FloatVec b) { return a * b; },
-            [](float a, float b) { return a * b; }) * inv_n;
-        float g_mean = 0.f;
-        if constexpr (!kRms) {
-          g_mean = reduce_sum(g, cols, [](FloatVec v) { return v; }, [](float v) { return v; }) * inv_n;
-        }
-        if (dx != nullptr) {
-          T* dxr = dx + r * cols;
-          float* out = float_destination(dxr, dx_scratch.data());
-          const FloatVec rs_v(rs), g_mean_v(g_mean), xhat_g_v(xhat_g);
-          int64_t i = 0;
-          for (; i + kWidth <= cols; i += kWidth) {
-            FloatVec v = FloatVec::loadu(g + i) - g_mean_v - FloatVec::loadu(x_hat.data() + i) * xhat_g_v;
-            (v * rs_v).store(out + i);
+        const float xhat_g = g_xhat_sum * inv_n, g_mean = g_sum * inv_n;
+        T* dxr = dx != nullptr ? dx + r * cols : nullptr;
+        float* out = dxr != nullptr ? float_destination(dxr, dx_scratch.data()) : nullptr;
+        // One pass for every output: dx = (g - mean(g) - x_hat * mean(g * x_hat)) * rstd, dweight += dy * x_hat,
+        // dbias += dy.
+        const FloatVec mu_v(mu), rs_v(rs), g_mean_v(g_mean), xhat_g_v(xhat_g);
+        int64_t i = 0;
+        for (; i + kWidth <= cols; i += kWidth) {
+          const FloatVec d = FloatVec::loadu(dyr + i);
+          const FloatVec x_hat = (kRms ? FloatVec::loadu(xr + i) : FloatVec::loadu(xr + i) - mu_v) * rs_v;
+          if (out != nullptr) {
+            const FloatVec g = weight != nullptr ? d * FloatVec::loadu(weight + i) : d;
+            ((g - g_mean_v - x_hat * xhat_g_v) * rs_v).store(out + i);
           }
-          for (; i < cols; ++i) {
-            out[i] = (g[i] - g_mean - x_hat[i] * xhat_g) * rs;
+          if (dw != nullptr) at::vec::fmadd(d, x_hat, FloatVec::loadu(dw + i)).store(dw + i);
+          if (db != nullptr) (FloatVec::loadu(db + i) + d).store(db + i);
+        }
+        for (; i < cols; ++i) {
+          const float x_hat = (kRms ? xr[i] : xr[i] - mu) * rs;
+          if (out != nullptr) {
+            const float g = weight != nullptr ? dyr[i] * weight[i] : dyr[i];
+            out[i] = (g - g_mean - x_hat * xhat_g) * rs;
           }
-          store_row(out, dxr, cols);
+          if (dw != nullptr) dw[i] += dyr[i] * x_hat;
+          if (db != nullptr) db[i] += dyr[i];
         }
-        if (dw != nullptr) {
-          at::vec::map3<float>([](FloatVec acc, FloatVec d, FloatVec h) { return acc + d * h; }, dw, dw, dyr,
-                               x_hat.data(), cols);
-        }
-        if (db != nullptr) {
-          at::vec::map2<float>([](FloatVec acc, FloatVec d) { return acc + d; }, db, db, dyr, cols);
-        }
+        if (out != nullptr) store_row(out, dxr, cols);
       }
     }
   });

@@ -3,7 +3,8 @@
 // Forward, per row of n elements: the row maximum, then the sum of exp(x - max) (softmax keeps the exponentials
 // and scales them by 1/sum; log-softmax writes x - max - log(sum)). The row is read from memory once and re-read
 // from L1/L2, so the kernel moves n*s_in bytes in and n*s_out out and is meant to run at memory bandwidth; the
-// exponentials (Sleef, vectorized) are the compute. Backward: dx = y * (dy - sum(dy * y)) for softmax and
+// exponentials (Sleef, vectorized) are the compute. float16/bfloat16 elements are converted to float32 in registers
+// as each pass reads them, so a pass re-reads the narrow row from cache rather than a float32 copy. Backward: dx = y * (dy - sum(dy * y)) for softmax and
 // dx = dy - exp(y) * sum(dy) for log-softmax, reading 2n elements and writing n.
 #include "softmax.h"
 
@@ -21,41 +22,48 @@ namespace lmrt::cpu {
 
 namespace {
 
+// The largest of a row's n elements, NaN if any is NaN.
+template <typename T>
+float row_max(const T* x, int64_t n) {
+  FloatVec max0(-std::numeric_limits<float>::infinity()), max1 = max0;
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    const auto [a, b] = load_floats(x + i);
+    max0 = at::vec::maximum(max0, a);
+    max1 = at::vec::maximum(max1, b);
+  }
+  float max = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return at::vec::maximum(a, b); },
+                                             at::vec::maximum(max0, max1));
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    max = std::isnan(v) || v > max ? v : max;
+  }
+  return max;
+}
+
 template <typename In, typename Out>
 void softmax_fwd_rows(const In* x, int64_t x_row_stride, Out* y, int64_t rows, int64_t cols, bool log) {
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    // The float32 output row before its conversion (softmax keeps exp(x - max) there between its last two passes);
-    // the output row itself for float32 output.
-    std::vector<float> scratch(std::is_same_v<Out, float> ? 0 : cols);
+    // softmax's exp(x - max) in float32 between its last two passes: the output row itself for float32 output.
+    std::vector<float> exps_scratch(log || std::is_same_v<Out, float> ? 0 : cols);
     for (int64_t r = begin; r < end; ++r) {
       const In* xr = x + r * x_row_stride;
       Out* yr = y + r * cols;
-      float max = -std::numeric_limits<float>::infinity();
-      for_float_chunks(xr, cols, [&](const float* chunk, int64_t, int64_t length) {
-        max = std::max(max, row_max(chunk, length));
-      });
+      const float max = row_max(xr, cols);
       const FloatVec max_v(max);
-      float sum = 0.f;
+      const auto exp_shifted = [&](FloatVec v) { return (v - max_v).exp_u20(); };
       if (log) {
-        for_float_chunks(xr, cols, [&](const float* chunk, int64_t, int64_t length) {
-          sum += reduce_sum(
-              chunk, length, [&](FloatVec v) { return (v - max_v).exp_u20(); }, [&](float v) { return std::exp(v - max); });
-        });
-        const FloatVec shift(max + std::log(sum));
-        float* out = float_destination(yr, scratch.data());
-        for_float_chunks(xr, cols, [&](const float* chunk, int64_t offset, int64_t length) {
-          at::vec::map([&](FloatVec v) { return v - shift; }, out + offset, chunk, length);
-        });
-        store_row(out, yr, cols);
+        const float sum = sum_floats(xr, cols, exp_shifted, [&](float v) { return std::exp(v - max); });
+        const float shift = max + std::log(sum);
+        const FloatVec shift_v(shift);
+        map_floats(xr, yr, cols, [&](FloatVec v) { return v - shift_v; }, [&](float v) { return v - shift; });
       } else {
-        float* exps = float_destination(yr, scratch.data());
-        for_float_chunks(xr, cols, [&](const float* chunk, int64_t offset, int64_t length) {
-          at::vec::map([&](FloatVec v) { return (v - max_v).exp_u20(); }, exps + offset, chunk, length);
-          sum += reduce_sum(exps + offset, length, [](FloatVec v) { return v; }, [](float v) { return v; });
-        });
-        const FloatVec inv_sum(1.f / sum);
-        at::vec::map([&](FloatVec v) { return v * inv_sum; }, exps, exps, cols);
-        store_row(exps, yr, cols);
+        float* exps = float_destination(yr, exps_scratch.data());
+        map_floats(xr, exps, cols, exp_shifted, [&](float v) { return std::exp(v - max); });
+        const float inv_sum = 1.f / sum_floats(exps, cols, [](FloatVec e) { return e; }, [](float e) { return e; });
+        const FloatVec inv_sum_v(inv_sum);
+        map_floats(static_cast<const float*>(exps), yr, cols, [&](FloatVec v) { return v * inv_sum_v; },
+                   [&](float v) { return v * inv_sum; });
       }
     }
   });
@@ -65,32 +73,22 @@ template <typename Out, typename In>
 void softmax_bwd_rows(const Out* dy, int64_t dy_row_stride, const Out* y, int64_t y_row_stride, In* dx, int64_t rows,
                       int64_t cols, bool log) {
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    float out_chunk[kFloatChunk];  // a piece of the float32 dx row before its conversion
     for (int64_t r = begin; r < end; ++r) {
       const Out* dyr = dy + r * dy_row_stride;
       const Out* yr = y + r * y_row_stride;
       In* dxr = dx + r * cols;
-      float total = 0.f;  // sum(dy) for log-softmax, sum(dy * y) for softmax
       if (log) {
-        for_float_chunks(dyr, cols, [&](const float* g, int64_t, int64_t length) {
-          total += reduce_sum(g, length, [](FloatVec v) { return v; }, [](float v) { return v; });
-        });
+        const float total = sum_floats(dyr, cols, [](FloatVec g) { return g; }, [](float g) { return g; });
+        const FloatVec total_v(total);
+        map_floats2(dyr, yr, dxr, cols, [&](FloatVec g, FloatVec v) { return g - v.exp() * total_v; },
+                    [&](float g, float v) { return g - std::exp(v) * total; });
       } else {
-        for_float_chunks2(dyr, yr, cols, [&](const float* g, const float* v, int64_t, int64_t length) {
-          total += reduce_sum2(
-              g, v, length, [](FloatVec a, FloatVec b) { return a * b; }, [](float a, float b) { return a * b; });
-        });
+        const float total = sum_floats2(dyr, yr, cols, [](FloatVec g, FloatVec v) { return g * v; },
+                                        [](float g, float v) { return g * v; });
+        const FloatVec total_v(total);
+        map_floats2(dyr, yr, dxr, cols, [&](FloatVec g, FloatVec v) { return v * (g - total_v); },
+                    [&](float g, float v) { return v * (g - total); });
       }
-      const FloatVec total_v(total);
-      for_float_chunks2(dyr, yr, cols, [&](const float* g, const float* v, int64_t offset, int64_t length) {
-        float* out = float_destination(dxr + offset, out_chunk);
-        if (log) {
-          at::vec::map2([&](FloatVec a, FloatVec b) { return a - b.exp() * total_v; }, out, g, v, length);
-        } else {
-          at::vec::map2([&](FloatVec a, FloatVec b) { return b * (a - total_v); }, out, g, v, length);
-        }
-        store_row(out, dxr + offset, length);
-      });
     }
   });
 }
