@@ -2,8 +2,8 @@
 // layer_norm.cpp and rms_norm.cpp.
 //
 // Forward, per row of n elements: mean (LayerNorm), the mean square of the centred row, then the normalized,
-// scaled and shifted row; the row is read from memory once and re-read from L1/L2 for the later passes, so the
-// kernel moves n*s bytes in and n*s out (s = element size) and is meant to run at memory bandwidth.
+// scaled and shifted row; the row is read from memory once and re-read from L1/L2 for the later passes (float16
+// and bfloat16 converted in registers as they are read), so the kernel moves n*s bytes in and n*s out (s = element size) and is meant to run at memory bandwidth.
 // Backward, per row: dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(x_hat * w*dy)), the mean(w*dy) term for
 // LayerNorm only. The weight and bias gradients (sums over rows of dy*x_hat and dy) are deterministic: each task
 // owns a fixed range of rows and writes its partial column sums, which are then added in task order.
@@ -23,37 +23,60 @@
 
 namespace lmrt::cpu {
 
-// y = (x - mean) * rstd * weight + bias for one row (LayerNorm), or x * rstd * weight (RMSNorm). `weight` and
-// `bias` may be null.
-template <bool kRms>
-inline void normalize_row(const float* x, float mean, float rstd, const float* weight, const float* bias, float* y,
-                          int64_t n) {
+// y = (x - mean) * rstd * weight + bias for one row (LayerNorm), or x * rstd * weight (RMSNorm), in float32
+// whatever T is. `weight` and `bias` may be null.
+template <bool kRms, typename T>
+inline void normalize_row(const T* x, float mean, float rstd, const float* weight, const float* bias, T* y, int64_t n) {
   constexpr int64_t kWidth = FloatVec::size();
   const FloatVec mean_v(mean), rstd_v(rstd);
+  const auto normalize = [&](FloatVec v, int64_t i) {
+    v = (kRms ? v : v - mean_v) * rstd_v;
+    if (weight != nullptr) v = v * FloatVec::loadu(weight + i);
+    if (bias != nullptr) v = v + FloatVec::loadu(bias + i);
+    return v;
+  };
   int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) {
-    FloatVec v = (kRms ? FloatVec::loadu(x + i) : FloatVec::loadu(x + i) - mean_v) * rstd_v;
-    if (weight != nullptr) {
-      v = v * FloatVec::loadu(weight + i);
-    }
-    if (bias != nullptr) {
-      v = v + FloatVec::loadu(bias + i);
-    }
-    v.store(y + i);
+  for (; i + kStep <= n; i += kStep) {
+    const auto [a, b] = load_floats(x + i);
+    store_floats(y + i, normalize(a, i), normalize(b, i + kWidth));
   }
   for (; i < n; ++i) {
-    float v = (kRms ? x[i] : x[i] - mean) * rstd;
-    y[i] = (weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f);
+    const float v = (kRms ? static_cast<float>(x[i]) : static_cast<float>(x[i]) - mean) * rstd;
+    y[i] = static_cast<T>((weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f));
   }
+}
+
+// The sums of (x - shift) and (x - shift)^2 over a row of n, in one pass.
+template <typename T>
+inline std::pair<float, float> shifted_moment_sums(const T* x, float shift, int64_t n) {
+  const FloatVec shift_v(shift);
+  FloatVec sum0(0.f), sum1(0.f), square0(0.f), square1(0.f);
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    const auto [a, b] = load_floats(x + i);
+    const FloatVec da = a - shift_v, db = b - shift_v;
+    sum0 += da;
+    sum1 += db;
+    square0 = at::vec::fmadd(da, da, square0);
+    square1 = at::vec::fmadd(db, db, square1);
+  }
+  const auto add = [](FloatVec a, FloatVec b) { return a + b; };
+  float sum = at::vec::vec_reduce_all<float>(add, sum0 + sum1);
+  float square = at::vec::vec_reduce_all<float>(add, square0 + square1);
+  for (; i < n; ++i) {
+    const float d = static_cast<float>(x[i]) - shift;
+    sum += d;
+    square += d * d;
+  }
+  return {sum, square};
 }
 
 template <bool kRms, typename T>
 void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float* bias, T* y, float* mean,
               float* rstd, int64_t rows, int64_t cols, float eps) {
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : cols);
     for (int64_t r = begin; r < end; ++r) {
-      const float* xr = row_as_float(x + r * x_row_stride, cols, scratch.data());
+      const T* xr = x + r * x_row_stride;
       const float inv_n = 1.f / static_cast<float>(cols);
       float mu = 0.f, var = 0.f;
       if constexpr (kRms) {
@@ -62,25 +85,17 @@ void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float
         // The rounding error of a float32 sum grows with the row's offset from zero; the moments of the row
         // shifted by that first estimate are small, so they correct the mean and give the variance accurately.
         const float shift = sum_floats(xr, cols, [](FloatVec v) { return v; }, [](float v) { return v; }) * inv_n;
-        const FloatVec shift_v(shift);
-        const float residual = sum_floats(
-            xr, cols, [&](FloatVec v) { return v - shift_v; }, [&](float v) { return v - shift; }) * inv_n;
-        const float square = sum_floats(
-            xr, cols, [&](FloatVec v) { v = v - shift_v; return v * v; },
-            [&](float v) { v -= shift; return v * v; }) * inv_n;
+        const auto [residual_sum, square_sum] = shifted_moment_sums(xr, shift, cols);
+        const float residual = residual_sum * inv_n;
         mu = shift + residual;
-        var = std::max(square - residual * residual, 0.f);
+        var = std::max(square_sum * inv_n - residual * residual, 0.f);
       }
       const float rs = 1.f / std::sqrt(var + eps);
       if constexpr (!kRms) {
         mean[r] = mu;
       }
       rstd[r] = rs;
-      T* yr = y + r * cols;
-      // The float32 copy of the row is no longer needed, so a reduced-precision row is normalized in place.
-      float* out = float_destination(yr, scratch.data());
-      normalize_row<kRms>(xr, mu, rs, weight, bias, out, cols);
-      store_row(out, yr, cols);
+      normalize_row<kRms>(xr, mu, rs, weight, bias, y + r * cols, cols);
     }
   });
 }
