@@ -42,7 +42,7 @@ class Grid:
 
 
 QUICK_GRID = Grid(128, (256, 1024), ("float32",))
-CPU_GRID = Grid(1024, (256, 1024, 4096), ("float32",))
+CPU_GRID = Grid(1024, (768, 1024, 2048, 4096, 8192), ("float32", "bfloat16"))
 # The target: forward at >= 90% of the copy bandwidth, backward at >= 70%. bfloat16 only, so that the GPU check
 # finishes in its budget; --dtypes bfloat16 float32 for both.
 CUDA_GRID = Grid(4096, (1024, 2048, 4096, 8192, 16384), ("bfloat16",))
