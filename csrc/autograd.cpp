@@ -62,22 +62,19 @@ using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std
 using LayerNormBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                                         const Tensor&, const Tensor&, std::array<bool, 3>);
 
-Tensor layer_norm_forward(const Tensor& input, int64_t col_dims, const std::optional<Tensor>& weight,
-                          const std::optional<Tensor>& bias, double eps, Tensor* mean, Tensor* rstd) {
+// (y in the input's shape, mean, rstd).
+std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, int64_t col_dims,
+                                                      const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias, double eps) {
   static const auto fwd = kernel_op<LayerNormFwd>("lmrt_C::layer_norm_fwd");
-  auto [y, row_mean, row_rstd] = fwd.call(as_rows(input, col_dims), weight, bias, eps);
-  if (mean != nullptr) {
-    *mean = row_mean;
-    *rstd = row_rstd;
-  }
-  return y.view(input.sizes());
+  auto [y, mean, rstd] = fwd.call(as_rows(input, col_dims), weight, bias, eps);
+  return {y.view(input.sizes()), mean, rstd};
 }
 
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
                         const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
-    Tensor mean, rstd;
-    const Tensor y = layer_norm_forward(input, normalized_shape.size(), weight, bias, eps, &mean, &rstd);
+    auto [y, mean, rstd] = layer_norm_forward(input, normalized_shape.size(), weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
     ctx->saved_data["col_dims"] = static_cast<int64_t>(normalized_shape.size());
     return y;
@@ -101,7 +98,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
 
 Tensor layer_norm(const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
                   const std::optional<Tensor>& bias, double eps) {
-  return layer_norm_forward(input, normalized_shape.size(), weight, bias, eps, nullptr, nullptr);
+  return std::get<0>(layer_norm_forward(input, normalized_shape.size(), weight, bias, eps));
 }
 
 Tensor layer_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
@@ -115,21 +112,18 @@ using RmsNormFwd = std::tuple<Tensor, Tensor>(const Tensor&, const std::optional
 using RmsNormBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                               const Tensor&, std::array<bool, 2>);
 
-Tensor rms_norm_forward(const Tensor& input, int64_t col_dims, const std::optional<Tensor>& weight, double eps,
-                        Tensor* rstd) {
+// (y in the input's shape, rstd).
+std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& input, int64_t col_dims, const std::optional<Tensor>& weight,
+                                            double eps) {
   static const auto fwd = kernel_op<RmsNormFwd>("lmrt_C::rms_norm_fwd");
-  auto [y, row_rstd] = fwd.call(as_rows(input, col_dims), weight, eps);
-  if (rstd != nullptr) {
-    *rstd = row_rstd;
-  }
-  return y.view(input.sizes());
+  auto [y, rstd] = fwd.call(as_rows(input, col_dims), weight, eps);
+  return {y.view(input.sizes()), rstd};
 }
 
 struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
                         const std::optional<Tensor>& weight, double eps) {
-    Tensor rstd;
-    const Tensor y = rms_norm_forward(input, normalized_shape.size(), weight, eps, &rstd);
+    auto [y, rstd] = rms_norm_forward(input, normalized_shape.size(), weight, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), rstd});
     ctx->saved_data["col_dims"] = static_cast<int64_t>(normalized_shape.size());
     return y;
@@ -151,7 +145,7 @@ struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
 
 Tensor rms_norm(const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
                 double eps) {
-  return rms_norm_forward(input, normalized_shape.size(), weight, eps, nullptr);
+  return std::get<0>(rms_norm_forward(input, normalized_shape.size(), weight, eps));
 }
 
 Tensor rms_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
@@ -185,9 +179,10 @@ Tensor softmax(const Tensor& input, int64_t dim, at::ScalarType out_dtype, bool 
 
 struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, int64_t dim, at::ScalarType out_dtype, bool log) {
+    dim = c10::maybe_wrap_dim(dim, input.dim());
     const Tensor y = softmax(input, dim, out_dtype, log);
     ctx->save_for_backward({y});
-    ctx->saved_data["dim"] = c10::maybe_wrap_dim(dim, input.dim());
+    ctx->saved_data["dim"] = dim;
     ctx->saved_data["input_dtype"] = input.scalar_type();
     ctx->saved_data["log"] = log;
     return y;
