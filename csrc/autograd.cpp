@@ -39,8 +39,16 @@ Tensor as_rows(const Tensor& x, int64_t col_dims) {
   for (int64_t d = 0; d < x.dim(); ++d) {
     (d < split ? rows : cols) *= sizes[d];
   }
+  if (x.dim() == 2 && (x.stride(1) == 1 || cols <= 1)) {
+    return x;  // already the matrix: no view to make (each costs a dispatch and a TensorImpl)
+  }
   Tensor matrix = x.reshape({rows, cols});
   return matrix.stride(1) == 1 || cols <= 1 ? matrix : matrix.contiguous();
+}
+
+// The contiguous tensor `t` with shape `sizes` (its own when it has it).
+Tensor with_shape(const Tensor& t, at::IntArrayRef sizes) {
+  return t.sizes() == sizes ? t : t.view(sizes);
 }
 
 // Whether backward must return the gradient of the `position`-th tensor argument; `present` says which tensor
@@ -52,7 +60,7 @@ bool needs_grad(AutogradContext* ctx, const std::array<bool, N>& present, size_t
 
 // A parameter's float32 gradient (the kernels reduce in float32) in the parameter's dtype and shape.
 Tensor parameter_grad(const Tensor& grad, const Tensor& param) {
-  return grad.to(param.scalar_type()).view(param.sizes());
+  return with_shape(grad.to(param.scalar_type()), param.sizes());
 }
 
 // ------------------------------------------------------------------------------------------------ LayerNorm
@@ -68,7 +76,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, int64
                                                       const std::optional<Tensor>& bias, double eps) {
   static const auto fwd = kernel_op<LayerNormFwd>("lmrt_C::layer_norm_fwd");
   auto [y, mean, rstd] = fwd.call(as_rows(input, col_dims), weight, bias, eps);
-  return {y.view(input.sizes()), mean, rstd};
+  return {with_shape(y, input.sizes()), mean, rstd};
 }
 
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
@@ -91,7 +99,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     auto [dx, dw, db] = bwd.call(as_rows(grads[0], col_dims), as_rows(input, col_dims),
                                  weight.defined() ? std::optional<Tensor>(weight) : std::nullopt, saved[3], saved[4],
                                  mask);
-    return {mask[0] ? dx.view(input.sizes()) : Tensor(), Tensor(), mask[1] ? parameter_grad(dw, weight) : Tensor(),
+    return {mask[0] ? with_shape(dx, input.sizes()) : Tensor(), Tensor(), mask[1] ? parameter_grad(dw, weight) : Tensor(),
             mask[2] ? parameter_grad(db, bias) : Tensor(), Tensor()};
   }
 };
@@ -117,7 +125,7 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& input, int64_t col_dim
                                             double eps) {
   static const auto fwd = kernel_op<RmsNormFwd>("lmrt_C::rms_norm_fwd");
   auto [y, rstd] = fwd.call(as_rows(input, col_dims), weight, eps);
-  return {y.view(input.sizes()), rstd};
+  return {with_shape(y, input.sizes()), rstd};
 }
 
 struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
@@ -138,7 +146,7 @@ struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
     const std::array<bool, 2> mask{needs_grad(ctx, present, 0), needs_grad(ctx, present, 1)};
     auto [dx, dw] = bwd.call(as_rows(grads[0], col_dims), as_rows(input, col_dims),
                              weight.defined() ? std::optional<Tensor>(weight) : std::nullopt, saved[2], mask);
-    return {mask[0] ? dx.view(input.sizes()) : Tensor(), Tensor(), mask[1] ? parameter_grad(dw, weight) : Tensor(),
+    return {mask[0] ? with_shape(dx, input.sizes()) : Tensor(), Tensor(), mask[1] ? parameter_grad(dw, weight) : Tensor(),
             Tensor()};
   }
 };
@@ -160,11 +168,14 @@ using SoftmaxBwd = Tensor(const Tensor&, const Tensor&, at::ScalarType, bool);
 
 // `x` with `dim` moved last, as (rows, size of `dim`): the row kernels' layout (a view when `dim` is last).
 Tensor dim_last_rows(const Tensor& x, int64_t dim) {
-  return as_rows(x.movedim(dim, -1), 1);
+  return as_rows(dim == x.dim() - 1 ? x : x.movedim(dim, -1), 1);
 }
 
 // The contiguous tensor of `like`'s shape whose `dim`, moved last, the (rows, size of `dim`) matrix `rows` holds.
 Tensor from_dim_last_rows(const Tensor& rows, const Tensor& like, int64_t dim) {
+  if (dim == like.dim() - 1) {
+    return with_shape(rows, like.sizes());
+  }
   std::vector<int64_t> moved_shape = like.sizes().vec();
   moved_shape.erase(moved_shape.begin() + dim);
   moved_shape.push_back(like.size(dim));

@@ -6,8 +6,6 @@
 // lmrt/ops/ keep the public signatures, the autograd formulas and the fake tensors, and call these with the
 // layouts the kernels take (norms and softmax on (rows, cols) matrices with unit column stride; attention on
 // (batch, heads, rows, dim) tensors with unit stride along dim).
-#include <Python.h>
-
 #include <array>
 #include <cmath>
 #include <limits>
@@ -91,7 +89,13 @@ Tensor float_parameter(const char* op, const char* name, const std::optional<Ten
   TORCH_CHECK(param->is_floating_point(), "lmrt_C::", op, ": `", name, "` must be floating point, got ",
               param->scalar_type());
   check_device(op, name, *param, x);
-  return param->to(at::kFloat).contiguous().view({x.size(1)});
+  const Tensor flat = param->to(at::kFloat).contiguous();
+  return flat.dim() == 1 ? flat : flat.view({x.size(1)});
+}
+
+// A gradient the backward computed, or an empty tensor for one that its output mask did not ask for.
+Tensor defined_or_empty(const Tensor& grad, const Tensor& like) {
+  return grad.defined() ? grad : like.new_empty({0});
 }
 
 Tensor empty_rows(const Tensor& like, at::ScalarType dtype) {
@@ -190,8 +194,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   {
     lmrt::cpu::layer_norm_bwd(dy_x, x, w, mean, rstd, dx, dw, db);
   }
-  const Tensor none = x.new_empty({0});
-  return {output_mask[0] ? dx : none, output_mask[1] ? dw : none, output_mask[2] ? db : none};
+  return {defined_or_empty(dx, x), defined_or_empty(dw, x), defined_or_empty(db, x)};
 }
 
 // -------------------------------------------------------------------------------------------------- RMSNorm
@@ -243,8 +246,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const
   {
     lmrt::cpu::rms_norm_bwd(dy_x, x, w, rstd, dx, dw);
   }
-  const Tensor none = x.new_empty({0});
-  return {output_mask[0] ? dx : none, output_mask[1] ? dw : none};
+  return {defined_or_empty(dx, x), defined_or_empty(dw, x)};
 }
 
 // -------------------------------------------------------------------------------------------------- softmax
@@ -498,10 +500,3 @@ TORCH_LIBRARY_IMPL(lmrt_C, CUDA, m) {
   LMRT_REGISTER_KERNELS(m);
 }
 #endif
-
-// `import lmrt._C` loads this library, which registers the operators above as torch.ops.lmrt_C.*.
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lmrt's C++/CUDA kernels, as torch.ops.lmrt_C", -1,
-                               nullptr};
-  return PyModule_Create(&module);
-}

@@ -26,7 +26,9 @@ BACKENDS = ("triton", "cuda", "cpp", "torch")
 # Preference order of the default choice, per device type. Later issues reorder these from benchmark figures.
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
-_chosen: str | None = None
+# The backend named by the innermost `lmrt.backend(name)` block, or None outside any (read by the eager calls of
+# lmrt._C, which take it as an argument; everything else asks chosen_backend()).
+context_choice: str | None = None
 _warned: set[tuple[str, str, str]] = set()
 
 
@@ -42,19 +44,19 @@ def backend(name: str) -> Iterator[None]:
 
     The choice is explicit: an op that the backend cannot serve raises rather than falling back.
     """
-    global _chosen
+    global context_choice
     _check_name(name, "lmrt.backend(name)")
-    previous, _chosen = _chosen, name
+    previous, context_choice = context_choice, name
     try:
         yield
     finally:
-        _chosen = previous
+        context_choice = previous
 
 
 def chosen_backend() -> str | None:
     """The backend the user asked for (context manager first, then LMRT_BACKEND), or None for the default."""
-    if _chosen is not None:
-        return _chosen
+    if context_choice is not None:
+        return context_choice
     from_env = os.environ.get("LMRT_BACKEND")
     return _check_name(from_env, "LMRT_BACKEND") if from_env else None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -32,15 +33,25 @@ def pick_backend(
     return backends.select(op, device, backends.BACKENDS, unsupported)
 
 
-def eager_extension_call(op: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> bool:
-    """Whether this call of `op` runs eagerly on the cpp or cuda backend, and so through the extension's own
-    differentiable operator `torch.ops.lmrt_C.<op>` (csrc/autograd.cpp).
+def _none(*args: object) -> None:
+    return None
 
-    That operator makes the same kernel calls as the custom op `lmrt::<op>_fwd` and its backward, with one C++
-    dispatch where the custom op spends some 40 us in Python per call. Under torch.compile the custom op stays the
-    unit that the compiler sees.
-    """
-    return not torch.compiler.is_compiling() and pick_backend(op, device, dtypes) in ("cpp", "cuda")
+
+def _load_eager_calls() -> SimpleNamespace | ModuleType:
+    """lmrt._C, whose functions layer_norm, rms_norm and softmax run a whole eager call of the lmrt.ops function of
+    that name on the extension in one C call, and return None for any call they leave to the Python path
+    (csrc/eager_calls.cpp); without the extension, stand-ins that leave every call to it."""
+    if backends.extension_status()[0]:
+        import lmrt._C
+
+        return lmrt._C
+    return SimpleNamespace(layer_norm=_none, rms_norm=_none, softmax=_none)
+
+
+# Called first by lmrt.ops.layer_norm, rms_norm, softmax and log_softmax outside torch.compile. The Python path
+# after it (checks, backend choice, the custom op lmrt::<op>_fwd) cost some 40 us per call on the 2-core Xeon of the
+# CPU benchmarks: after a kernel that streams a few MB, none of the Python objects it touches are in the caches.
+eager_calls = _load_eager_calls()
 
 
 @functools.cache

@@ -5,11 +5,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.compiler import is_compiling
 
-from lmrt import reference
+from lmrt import backends, reference
 from lmrt._layout import as_rows
 from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
-from lmrt.ops._dispatch import eager_extension_call, extension_ops, flat_parameter, pick_backend, unit_column_stride
+from lmrt.ops._dispatch import eager_calls, extension_ops, flat_parameter, pick_backend, unit_column_stride
 
 
 def layer_norm(
@@ -20,13 +21,14 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Layer normalization over the last `len(normalized_shape)` dims; same call as F.layer_norm."""
+    if not is_compiling():
+        output = eager_calls.layer_norm(backends.context_choice, input, normalized_shape, weight, bias, eps)
+        if output is not None:
+            return output
     check_floating("layer_norm", "input", input)
     normalized_shape = check_normalized_shape("layer_norm", input, normalized_shape)
     check_parameter("layer_norm", "weight", weight, input, normalized_shape)
     check_parameter("layer_norm", "bias", bias, input, normalized_shape)
-    dtypes = [t.dtype for t in (input, weight, bias) if t is not None]
-    if eager_extension_call("layer_norm", input.device, dtypes):
-        return extension_ops().layer_norm(input, normalized_shape, weight, bias, eps)
     return torch.ops.lmrt.layer_norm_fwd(input, normalized_shape, weight, bias, eps)[0]
 
 

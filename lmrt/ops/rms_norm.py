@@ -5,11 +5,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.compiler import is_compiling
 
-from lmrt import reference
+from lmrt import backends, reference
 from lmrt._layout import as_rows
 from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
-from lmrt.ops._dispatch import eager_extension_call, extension_ops, flat_parameter, pick_backend, unit_column_stride
+from lmrt.ops._dispatch import eager_calls, extension_ops, flat_parameter, pick_backend, unit_column_stride
 
 
 def rms_norm(
@@ -23,13 +24,14 @@ def rms_norm(
     `eps=None` means the machine epsilon of the float32 (float64 for float64 input) computation, as PyTorch's
     own rms_norm does.
     """
+    if not is_compiling():
+        output = eager_calls.rms_norm(backends.context_choice, input, normalized_shape, weight, eps)
+        if output is not None:
+            return output
     check_floating("rms_norm", "input", input)
     normalized_shape = check_normalized_shape("rms_norm", input, normalized_shape)
     check_parameter("rms_norm", "weight", weight, input, normalized_shape)
     eps = torch.finfo(reference.compute_dtype(input.dtype)).eps if eps is None else eps
-    dtypes = [t.dtype for t in (input, weight) if t is not None]
-    if eager_extension_call("rms_norm", input.device, dtypes):
-        return extension_ops().rms_norm(input, normalized_shape, weight, eps)
     return torch.ops.lmrt.rms_norm_fwd(input, normalized_shape, weight, eps)[0]
 
 

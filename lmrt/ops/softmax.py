@@ -4,11 +4,12 @@ import math
 
 import torch
 from torch import Tensor
+from torch.compiler import is_compiling
 
-from lmrt import reference
+from lmrt import backends, reference
 from lmrt._layout import as_outer_dim_inner
 from lmrt.ops._checks import check_dim, check_floating
-from lmrt.ops._dispatch import eager_extension_call, extension_ops, pick_backend, unit_column_stride
+from lmrt.ops._dispatch import eager_calls, extension_ops, pick_backend, unit_column_stride
 
 
 def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -26,6 +27,10 @@ def _op_name(log: bool) -> str:
 
 
 def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
+    if not is_compiling():
+        output = eager_calls.softmax(backends.context_choice, input, dim, dtype, log)
+        if output is not None:
+            return output
     op = _op_name(log)
     check_floating(op, "input", input)
     dim = check_dim(op, input, dim)
@@ -34,8 +39,6 @@ def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> T
     out_dtype = input.dtype if dtype is None else dtype
     if input.dim() == 0:
         return _softmax(input.reshape(1), 0, dtype, log).reshape(())
-    if eager_extension_call(op, input.device, (input.dtype, out_dtype)):
-        return extension_ops().softmax(input, dim, out_dtype, log)
     return torch.ops.lmrt.softmax_fwd(input, dim, out_dtype, log)
 
 

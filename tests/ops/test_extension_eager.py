@@ -102,3 +102,58 @@ def test_strided_inputs_and_inference_mode():
     with torch.inference_mode(), lmrt.backend(BACKEND):
         assert torch.equal(lmrt.ops.rms_norm(x, (97,), weight.detach(), 1e-6),
                            torch.ops.lmrt.rms_norm_fwd(x, (97,), weight.detach(), 1e-6)[0])
+
+
+# The eager calls of lmrt._C (csrc/eager_calls.cpp) run a common call in one C call and return None for any other,
+# which the Python path then serves, with its checks, fallbacks and error messages.
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _norm_call(choice=BACKEND, x=None, shape=(8,), weight=None, bias=None, eps=1e-5):
+    x = torch.randn(3, 8, device=DEVICE) if x is None else x
+    return lmrt._C.layer_norm(choice, x, shape, weight, bias, eps)
+
+
+@pytest.mark.skipif(not lmrt.backends.extension_status()[0], reason="lmrt._C is not built")
+def test_eager_calls_serve_only_calls_the_extension_serves(monkeypatch):
+    monkeypatch.delenv("LMRT_BACKEND", raising=False)
+    x = torch.randn(3, 8, device=DEVICE)
+    assert isinstance(_norm_call(), torch.Tensor)
+    assert isinstance(lmrt._C.rms_norm(BACKEND, x, 8, None, None), torch.Tensor)
+    assert isinstance(lmrt._C.softmax(BACKEND, x, -1, torch.float32, True), torch.Tensor)
+    assert (_norm_call(None) is None) == (DEVICE == "cuda")  # the default order: cpp first on CPUs, triton on GPUs
+    for choice in ("torch", "triton", "cuda" if DEVICE == "cpu" else "cpp"):
+        assert _norm_call(choice) is None
+    monkeypatch.setenv("LMRT_BACKEND", "torch")
+    assert _norm_call(None) is None
+    assert isinstance(_norm_call(BACKEND), torch.Tensor)  # lmrt.backend(name) wins over LMRT_BACKEND
+
+
+@pytest.mark.skipif(not lmrt.backends.extension_status()[0], reason="lmrt._C is not built")
+def test_eager_calls_leave_other_calls_to_python():
+    x = torch.randn(3, 8, device=DEVICE)
+    weight = torch.randn(8, device=DEVICE)
+    declined = [
+        _norm_call(x=x.double()), _norm_call(x=x.as_subclass(_Subclass)), _norm_call(shape=(4,)),
+        _norm_call(shape=(3, 8, 1)), _norm_call(shape=[torch.tensor(8)]), _norm_call(weight=weight[:4]),
+        _norm_call(weight=weight.double()), _norm_call(bias=weight.to(torch.int32)), _norm_call(eps="1e-5"),
+        lmrt._C.rms_norm(BACKEND, x, 8, weight, "small"),
+        lmrt._C.softmax(BACKEND, x[0, 0], 0, None, False), lmrt._C.softmax(BACKEND, x, 2, None, False),
+        lmrt._C.softmax(BACKEND, x, -3, None, False), lmrt._C.softmax(BACKEND, x, 1, torch.float64, False),
+        lmrt._C.softmax(BACKEND, x, 1.0, None, False),
+    ]
+    assert all(output is None for output in declined)
+    with _Mode():
+        assert _norm_call() is None
+    with pytest.raises(TypeError, match="expected 6 positional arguments, got 2"):
+        lmrt._C.layer_norm(BACKEND, x)
+    # The calls it declines still run, on the Python path, and a subclass keeps its type as with torch's own ops.
+    with lmrt.backend(BACKEND):
+        out = lmrt.ops.layer_norm(x.as_subclass(_Subclass), (8,))
+    assert type(out) is _Subclass and torch.equal(out.as_subclass(torch.Tensor), _norm_call(x=x))
