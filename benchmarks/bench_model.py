@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None, ceilings: common.Ceilings | None = N
     tables, write --out or --save; return the result rows."""
     args = _parse(argv)
     device = common.default_device()
-    with common.cpu_threads(device, args.quick):
+    with common.cpu_settings(device, args.quick):
         timer = common.timer_for(device, args.quick, cuda_rep_ms=MODEL_REP_MS)
         if ceilings is None:
             ceilings = common.measure_ceilings(device, timer, args.quick)

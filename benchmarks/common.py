@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import importlib.metadata
 import json
@@ -82,14 +83,41 @@ def cpu_timer(budget_s: float, warmup: int = 2, min_reps: int = 5, max_reps: int
     return bench
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# What keep_freed_memory set, for the results' meta; None until it has, or where it cannot (no glibc).
+malloc_setting: str | None = None
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep the memory of freed tensors for the next ones: no mmap for large blocks, no trim.
+
+    By default glibc maps each block above its (adaptive) mmap threshold afresh and unmaps it when freed, so every
+    call that makes a large output, 32 MiB at the CPU grids' largest width, pays the kernel's page faults for it:
+    there, fwd+bwd figures moved between 8 and 20 ms from run to run with the allocator's state, for PyTorch's ops
+    and lmrt's alike. Kept memory measures the ops, as a caching allocator (jemalloc, tcmalloc, PyTorch's own on
+    CUDA) would serve them. Process-wide and for good: the benchmarks run in a process of their own."""
+    global malloc_setting
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    int_max = 2**31 - 1
+    if libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, int_max) == 1:
+        malloc_setting = "glibc mallopt: M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB"
+
+
 @contextlib.contextmanager
-def cpu_threads(device: torch.device, quick: bool) -> Iterator[None]:
-    """One CPU thread for --quick on the CPU, the previous count restored after. A smoke run's figures are not for
-    comparison, and its calls are small: on cores that other processes share (CI runners), OpenMP's threads wait
-    for each other at every op, which made a tiny training step 50 times slower on two busy cores."""
+def cpu_settings(device: torch.device, quick: bool) -> Iterator[None]:
+    """The CPU runs' settings: keep_freed_memory(), and one CPU thread for --quick (the previous count restored
+    after). A smoke run's figures are not for comparison, and its calls are small: on cores that other processes
+    share (CI runners), OpenMP's threads wait for each other at every op, which made a tiny training step 50 times
+    slower on two busy cores."""
     threads = torch.get_num_threads()
-    if quick and device.type == "cpu":
-        torch.set_num_threads(1)
+    if device.type == "cpu":
+        keep_freed_memory()
+        if quick:
+            torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -284,12 +312,13 @@ def _git_commit() -> str | None:
 
 
 def run_meta(device: torch.device, ceilings: Ceilings, **extra: Any) -> dict[str, Any]:
-    """The run's device, versions, date and commit, CPU threads, the ceilings it measured, and `extra`."""
+    """The run's device, versions, date and commit, CPU threads, malloc setting, the ceilings it measured, and
+    `extra`."""
     return {
         "device": device_name(device), "device_type": device.type, "torch_version": torch.__version__,
         "triton_version": _triton_version(), "python_version": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
-        "cpu_threads": torch.get_num_threads(), **ceilings.meta(), **extra,
+        "cpu_threads": torch.get_num_threads(), "malloc": malloc_setting, **ceilings.meta(), **extra,
     }
 
 

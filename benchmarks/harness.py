@@ -349,7 +349,7 @@ class OpBenchmark:
         table, write --out or --save; return the result rows."""
         args = self.parser().parse_args(argv)
         device = common.default_device()
-        with common.cpu_threads(device, args.quick):
+        with common.cpu_settings(device, args.quick):
             return self._main(args, device, ceilings, deadline)
 
     def _main(self, args: argparse.Namespace, device: torch.device, ceilings: common.Ceilings | None,

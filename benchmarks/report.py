@@ -158,6 +158,8 @@ def _run_line(meta: dict[str, Any]) -> str:
              f"triton {meta.get('triton_version')}"]
     if meta.get("cpu_threads") and meta.get("device_type") == "cpu":
         parts.append(f"{meta['cpu_threads']} threads")
+    if meta.get("malloc"):
+        parts.append(meta["malloc"])
     if meta.get("copy_bandwidth_gbps"):
         parts.append(f"copy ceiling {meta['copy_bandwidth_gbps']:.4g} GB/s")
     if meta.get("matmul_tflops"):

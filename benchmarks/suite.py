@@ -36,7 +36,7 @@ def run(names: Sequence[str] = (), quick: bool = False, out: Path | str | None =
         raise ValueError(f"unknown benchmark {unknown[0]!r}; the benchmarks are {', '.join(BENCHMARKS)}")
     names = list(names) or list(BENCHMARKS)
     device = common.default_device()
-    with common.cpu_threads(device, quick):
+    with common.cpu_settings(device, quick):
         ceilings = common.measure_ceilings(device, common.timer_for(device, quick), quick)
     argv = (["--quick"] if quick else []) + (["--out", str(out)] if out is not None else []) + \
         (["--save"] if save else []) + (["--no-plot"] if no_plot else []) + (["--no-compile"] if no_compile else [])
