@@ -1,9 +1,11 @@
 // LayerNorm and RMSNorm on the CPU, one template for both (kRms drops the centering and the bias), used by
 // layer_norm.cpp and rms_norm.cpp.
 //
-// Forward, per row of n elements: mean (LayerNorm), the mean square of the centred row, then the normalized,
-// scaled and shifted row; the row is read from memory once and re-read from L1/L2 for the later passes (float16
-// and bfloat16 converted in registers as they are read), so the kernel moves n*s bytes in and n*s out (s = element size) and is meant to run at memory bandwidth.
+// Forward, per row of n elements: the sums of the row and of its squares in one pass (for LayerNorm shifted by an
+// estimate of the mean, for accuracy; RMSNorm needs only the squares), then the normalized, scaled and shifted row.
+// The row is read from memory once and re-read from L1/L2 by the second pass (float16 and bfloat16 converted in
+// registers as they are read), so the kernel moves n*s bytes in and n*s out (s = element size) and is meant to run
+// at memory bandwidth.
 // Backward, per row: dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(x_hat * w*dy)), the mean(w*dy) term for
 // LayerNorm only. The weight and bias gradients (sums over rows of dy*x_hat and dy) are deterministic: each task
 // owns a fixed range of rows and writes its partial column sums, which are then added in task order.
@@ -71,6 +73,9 @@ inline std::pair<float, float> shifted_moment_sums(const T* x, float shift, int6
   return {sum, square};
 }
 
+// How many of a row's first elements estimate its mean for the shifted moments of the LayerNorm forward.
+constexpr int64_t kShiftEstimateElements = 4 * kStep;
+
 template <bool kRms, typename T>
 void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float* bias, T* y, float* mean,
               float* rstd, int64_t rows, int64_t cols, float eps) {
@@ -82,13 +87,22 @@ void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float
       if constexpr (kRms) {
         var = sum_floats(xr, cols, [](FloatVec v) { return v * v; }, [](float v) { return v * v; }) * inv_n;
       } else {
-        // The rounding error of a float32 sum grows with the row's offset from zero; the moments of the row
-        // shifted by that first estimate are small, so they correct the mean and give the variance accurately.
-        const float shift = sum_floats(xr, cols, [](FloatVec v) { return v; }, [](float v) { return v; }) * inv_n;
-        const auto [residual_sum, square_sum] = shifted_moment_sums(xr, shift, cols);
-        const float residual = residual_sum * inv_n;
-        mu = shift + residual;
-        var = std::max(square_sum * inv_n - residual * residual, 0.f);
+        // The moments of the row shifted by the mean of its first elements, in one pass. Their rounding error
+        // grows with the shift's distance from the row's mean: when that is more than a standard deviation (the
+        // first elements are not like the rest), a second pass shifts by the mean found, which makes the residual
+        // small and the variance accurate.
+        const int64_t head = std::min<int64_t>(cols, kShiftEstimateElements);
+        float shift = sum_floats(xr, head, [](FloatVec v) { return v; }, [](float v) { return v; }) / head;
+        for (int pass = 0; pass < 2; ++pass) {
+          const auto [residual_sum, square_sum] = shifted_moment_sums(xr, shift, cols);
+          const float residual = residual_sum * inv_n;
+          mu = shift + residual;
+          var = std::max(square_sum * inv_n - residual * residual, 0.f);
+          if (residual * residual <= var) {
+            break;
+          }
+          shift = mu;
+        }
       }
       const float rs = 1.f / std::sqrt(var + eps);
       if constexpr (!kRms) {

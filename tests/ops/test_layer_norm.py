@@ -60,6 +60,15 @@ def test_large_offset_keeps_variance(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_whose_first_elements_stand_apart(backend):
+    # The cpp forward estimates each row's mean from its first elements; where they are far from the rest, it
+    # must still find the variance accurately.
+    x, weight, bias, normalized_shape = _inputs((4, 20000), 1, torch.float32)
+    x[:, :128] += 1000.0
+    _check(x, weight, bias, normalized_shape, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_precision_weight(backend):
     """A float32 weight with a bfloat16 input, as PyTorch's own layer_norm allows: output in the input's dtype."""
     x, weight, bias, normalized_shape = _inputs((6, 130), 1, torch.bfloat16)
