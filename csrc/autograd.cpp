@@ -13,22 +13,17 @@
 #include <tuple>
 #include <vector>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "operators.h"
 
 namespace {
 
 using at::Tensor;
+using lmrt::typed_operator;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The kernel-level operator `name`, called through the dispatcher so that any tensor (a CUDA one, a fake one)
-// reaches the kernel registered for it.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> kernel_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // `x` as a (rows, cols) matrix with unit column stride, the columns being its last `col_dims` dims: a view when
 // the strides allow one.
@@ -74,7 +69,7 @@ using LayerNormBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Ten
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, int64_t col_dims,
                                                       const std::optional<Tensor>& weight,
                                                       const std::optional<Tensor>& bias, double eps) {
-  static const auto fwd = kernel_op<LayerNormFwd>("lmrt_C::layer_norm_fwd");
+  static const auto fwd = typed_operator<LayerNormFwd>("lmrt_C::layer_norm_fwd");
   auto [y, mean, rstd] = fwd.call(as_rows(input, col_dims), weight, bias, eps);
   return {with_shape(y, input.sizes()), mean, rstd};
 }
@@ -89,7 +84,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = kernel_op<LayerNormBwd>("lmrt_C::layer_norm_bwd");
+    static const auto bwd = typed_operator<LayerNormBwd>("lmrt_C::layer_norm_bwd");
     const auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
     const int64_t col_dims = ctx->saved_data["col_dims"].toInt();
@@ -99,8 +94,8 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     auto [dx, dw, db] = bwd.call(as_rows(grads[0], col_dims), as_rows(input, col_dims),
                                  weight.defined() ? std::optional<Tensor>(weight) : std::nullopt, saved[3], saved[4],
                                  mask);
-    return {mask[0] ? with_shape(dx, input.sizes()) : Tensor(), Tensor(), mask[1] ? parameter_grad(dw, weight) : Tensor(),
-            mask[2] ? parameter_grad(db, bias) : Tensor(), Tensor()};
+    return {mask[0] ? with_shape(dx, input.sizes()) : Tensor(), Tensor(),
+            mask[1] ? parameter_grad(dw, weight) : Tensor(), mask[2] ? parameter_grad(db, bias) : Tensor(), Tensor()};
   }
 };
 
@@ -123,7 +118,7 @@ using RmsNormBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, cons
 // (y in the input's shape, rstd).
 std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& input, int64_t col_dims, const std::optional<Tensor>& weight,
                                             double eps) {
-  static const auto fwd = kernel_op<RmsNormFwd>("lmrt_C::rms_norm_fwd");
+  static const auto fwd = typed_operator<RmsNormFwd>("lmrt_C::rms_norm_fwd");
   auto [y, rstd] = fwd.call(as_rows(input, col_dims), weight, eps);
   return {with_shape(y, input.sizes()), rstd};
 }
@@ -138,7 +133,7 @@ struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = kernel_op<RmsNormBwd>("lmrt_C::rms_norm_bwd");
+    static const auto bwd = typed_operator<RmsNormBwd>("lmrt_C::rms_norm_bwd");
     const auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &weight = saved[1];
     const int64_t col_dims = ctx->saved_data["col_dims"].toInt();
@@ -146,8 +141,8 @@ struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
     const std::array<bool, 2> mask{needs_grad(ctx, present, 0), needs_grad(ctx, present, 1)};
     auto [dx, dw] = bwd.call(as_rows(grads[0], col_dims), as_rows(input, col_dims),
                              weight.defined() ? std::optional<Tensor>(weight) : std::nullopt, saved[2], mask);
-    return {mask[0] ? with_shape(dx, input.sizes()) : Tensor(), Tensor(), mask[1] ? parameter_grad(dw, weight) : Tensor(),
-            Tensor()};
+    return {mask[0] ? with_shape(dx, input.sizes()) : Tensor(), Tensor(),
+            mask[1] ? parameter_grad(dw, weight) : Tensor(), Tensor()};
   }
 };
 
@@ -183,7 +178,7 @@ Tensor from_dim_last_rows(const Tensor& rows, const Tensor& like, int64_t dim) {
 }
 
 Tensor softmax(const Tensor& input, int64_t dim, at::ScalarType out_dtype, bool log) {
-  static const auto fwd = kernel_op<SoftmaxFwd>("lmrt_C::softmax_fwd");
+  static const auto fwd = typed_operator<SoftmaxFwd>("lmrt_C::softmax_fwd");
   dim = c10::maybe_wrap_dim(dim, input.dim());
   return from_dim_last_rows(fwd.call(dim_last_rows(input, dim), out_dtype, log), input, dim);
 }
@@ -200,7 +195,7 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = kernel_op<SoftmaxBwd>("lmrt_C::softmax_bwd");
+    static const auto bwd = typed_operator<SoftmaxBwd>("lmrt_C::softmax_bwd");
     const Tensor y = ctx->get_saved_variables()[0];
     const int64_t dim = ctx->saved_data["dim"].toInt();
     const Tensor dx = bwd.call(dim_last_rows(grads[0], dim), dim_last_rows(y, dim),

@@ -21,15 +21,18 @@
 #include <vector>
 
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "operators.h"
+
 namespace {
 
 using at::Tensor;
+using lmrt::is_kernel_dtype;
+using lmrt::typed_operator;
 
 // Whether the extension serves a call on `device` under the backend choice `choice`: the value of
 // lmrt.backends._chosen (a backend's name, or None when LMRT_BACKEND, then the default order, decides).
@@ -56,10 +59,6 @@ bool extension_serves(PyObject* choice, c10::DeviceType device) {
   }
 #endif
   return false;
-}
-
-bool is_kernel_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
 // The tensor `obj`, when it is one the kernels take (float32, float16 or bfloat16) and no __torch_function__
@@ -131,12 +130,6 @@ bool read_float(PyObject* obj, double& value) {
   return true;
 }
 
-// The differentiable operator `name` of autograd.cpp.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> eager_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 // Run `call` (which returns the output tensor) without the GIL, as torch's own bindings run their operators.
 template <typename Call>
 PyObject* run(const Call& call) {
@@ -171,7 +164,7 @@ PyObject* layer_norm(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
       !read_parameter(args[4], *input, shape, bias) || !read_float(args[5], eps)) {
     Py_RETURN_NONE;
   }
-  static const auto op = eager_op<Tensor(const Tensor&, at::IntArrayRef, const std::optional<Tensor>&,
+  static const auto op = typed_operator<Tensor(const Tensor&, at::IntArrayRef, const std::optional<Tensor>&,
                                          const std::optional<Tensor>&, double)>("lmrt_C::layer_norm");
   return run([&] { return op.call(*input, shape, weight, bias, eps); });
   END_HANDLE_TH_ERRORS
@@ -192,7 +185,7 @@ PyObject* rms_norm(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs
       (args[4] != Py_None && !read_float(args[4], eps))) {
     Py_RETURN_NONE;
   }
-  static const auto op = eager_op<Tensor(const Tensor&, at::IntArrayRef, const std::optional<Tensor>&, double)>(
+  static const auto op = typed_operator<Tensor(const Tensor&, at::IntArrayRef, const std::optional<Tensor>&, double)>(
       "lmrt_C::rms_norm");
   return run([&] { return op.call(*input, shape, weight, eps); });
   END_HANDLE_TH_ERRORS
@@ -214,7 +207,7 @@ PyObject* softmax(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   }
   const at::ScalarType out_dtype = args[3] == Py_None ? input->scalar_type() : ((THPDtype*)args[3])->scalar_type;
   const bool log = args[4] == Py_True;
-  static const auto op = eager_op<Tensor(const Tensor&, int64_t, at::ScalarType, bool)>("lmrt_C::softmax");
+  static const auto op = typed_operator<Tensor(const Tensor&, int64_t, at::ScalarType, bool)>("lmrt_C::softmax");
   return run([&] { return op.call(*input, dim, out_dtype, log); });
   END_HANDLE_TH_ERRORS
 }

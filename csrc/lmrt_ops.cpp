@@ -18,6 +18,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "operators.h"
 #include "cpu/attention.h"
 #include "cpu/layer_norm.h"
 #include "cpu/rms_norm.h"
@@ -36,12 +37,9 @@
 namespace {
 
 using at::Tensor;
+using lmrt::is_kernel_dtype;
 
 // ---------------------------------------------------------------------------------------------------- checks
-
-bool is_kernel_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-}
 
 void check_kernel_dtype(const char* op, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(is_kernel_dtype(dtype), "lmrt_C::", op, ": `", name, "` must be float32, float16 or bfloat16, got ",
