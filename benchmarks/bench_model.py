@@ -226,7 +226,7 @@ def measure_training(
             row["losses"] = [step(*batch).item() for batch in batches]
             error = check_losses(row["losses"], None if provider.lstm else expected, dtype)
             if error is None:
-                row.update(common.time_call(lambda: step(*batches[0]), [], timer, device))
+                row.update(common.time_call(lambda: step(*batches[0]), timer, device))
     except Exception as failure:  # a provider that fails is a result to report, not the end of the run
         error = common.raised(failure)
     if error is not None:
@@ -262,7 +262,7 @@ def measure_generation(spec: ModelSpec, provider: ModelProvider, gpt_state: dict
             _, model = build(spec, provider, gpt_state, device)
             model.eval()
             cached, recomputed = generate(True), generate(False)
-            row.update(common.time_call(lambda: generate(True), [], common.cpu_timer(0, warmup=1, min_reps=3),
+            row.update(common.time_call(lambda: generate(True), common.cpu_timer(0, warmup=1, min_reps=3),
                                         device))
     except Exception as failure:
         row.update(status="WRONG", error=common.raised(failure))

@@ -31,8 +31,22 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # The committed figures: one folder per device (device_folder), as `--save` writes them.
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# (fn, tensors whose .grad is reset before every call) -> (median, 20th percentile, 80th percentile) in ms.
-Timer = Callable[[Callable[[], object], Sequence[Tensor]], tuple[float, float, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A call to time. `prepare()`, run inside `context()`, returns the call; what it does first (the forward whose
+    backward is timed) stays outside the timed region. The `leaves`' gradients are reset to None before every call,
+    so that no gradient accumulation is timed."""
+
+    prepare: Callable[[], Callable[[], object]]
+    leaves: Sequence[Tensor] = ()
+    context: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
+
+
+Timing = tuple[float, float, float]  # (median, 20th percentile, 80th percentile) in ms
+# Jobs -> each job's Timing, or the exception that its preparation or a call raised (the others are still timed).
+Timer = Callable[[Sequence[Job]], list[Timing | Exception]]
 
 
 def default_device() -> torch.device:
@@ -48,39 +62,118 @@ def reset_grads(leaves: Sequence[Tensor]) -> None:
         leaf.grad = None
 
 
-def cuda_timer(warmup_ms: float, rep_ms: float) -> Timer:
-    """A Timer that is triton.testing.do_bench: about `warmup_ms` of warm-up calls, then about `rep_ms` of timed
-    calls (at least one), L2 flushed before each."""
+def _quantiles(times_ms: Sequence[float]) -> Timing:
+    levels = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+    median, p20, p80 = torch.tensor(times_ms, dtype=torch.float64).quantile(levels).tolist()
+    return median, p20, p80
 
-    def bench(fn: Callable[[], object], grad_to_none: Sequence[Tensor]) -> tuple[float, float, float]:
+
+def cuda_timer(warmup_ms: float, rep_ms: float) -> Timer:
+    """A Timer that runs triton.testing.do_bench on each job in turn: about `warmup_ms` of warm-up calls, then about
+    `rep_ms` of timed calls (at least one), L2 flushed before each. Each job's call is released before the next job
+    is prepared, so that one provider's saved tensors never crowd another's out of GPU memory."""
+
+    def bench(jobs: Sequence[Job]) -> list[Timing | Exception]:
         from triton.testing import do_bench  # triton is imported on CUDA only; the CPU runs never need it
 
-        median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none),
-                                    quantiles=[0.5, 0.2, 0.8])
-        return median, p20, p80
+        timings: list[Timing | Exception] = []
+        for job in jobs:
+            try:
+                with job.context():
+                    median, p20, p80 = do_bench(job.prepare(), warmup=warmup_ms, rep=rep_ms,
+                                                grad_to_none=list(job.leaves), quantiles=[0.5, 0.2, 0.8])
+                timings.append((median, p20, p80))
+            except Exception as error:  # one provider's failure is its row's result, not the end of the run
+                timings.append(error)
+        return timings
 
     return bench
 
 
-def cpu_timer(budget_s: float, warmup: int = 2, min_reps: int = 5, max_reps: int = 1000) -> Timer:
-    """A Timer that times calls one by one with perf_counter for about `budget_s` seconds, at least `min_reps`."""
+def cpu_timer(budget_s: float, warmup: int = 2, min_reps: int = 5, max_reps: int = 1000, rounds: int = 4,
+              apart: float = 4.0) -> Timer:
+    """A Timer that times calls one by one with perf_counter, about `budget_s` seconds per job (at least `min_reps`
+    calls, at most `max_reps`), the jobs interleaved: in about `rounds` rounds, each running every job for a
+    `budget_s / rounds` share of calls after untimed ones, the order rotated from round to round.
 
-    def bench(fn: Callable[[], object], grad_to_none: Sequence[Tensor]) -> tuple[float, float, float]:
-        for _ in range(warmup):
-            reset_grads(grad_to_none)
-            fn()
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < deadline):
-            reset_grads(grad_to_none)
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        levels = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
-        median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(levels).tolist()
-        return median, p20, p80
+    Interleaving is what makes the jobs' figures comparable on a shared host: the machine's speed drifts by 10-20%
+    over seconds (other tenants, frequency), and timing one job after another put each job on its own stretch of
+    that drift, which made equal kernels differ by more than the differences measured. The untimed calls (a
+    quarter of the round's share, at least one) keep a job's figures free of the caches' state the job before it
+    left. A job whose warm call takes over `apart` times the fastest job's (the naive reference, say) is timed on
+    its own after the others: it streams so many more bytes that the next job's calls stayed slow for several
+    calls after it (the first softmax backward after the naive one's took 1.5 times as long as the fifth)."""
+
+    def bench(jobs: Sequence[Job]) -> list[Timing | Exception]:
+        timings: list[Timing | Exception | None] = [None] * len(jobs)
+        calls: dict[int, Callable[[], object]] = {}
+        warm_s: dict[int, float] = {}
+        for index, job in enumerate(jobs):
+            try:
+                with job.context():
+                    calls[index] = job.prepare()
+                    for _ in range(max(warmup, 1)):
+                        reset_grads(job.leaves)
+                        start = time.perf_counter()
+                        calls[index]()
+                        warm_s[index] = time.perf_counter() - start
+            except Exception as error:  # one provider's failure is its row's result, not the end of the run
+                timings[index] = error
+                calls.pop(index, None)
+        fastest = min(warm_s[index] for index in calls) if calls else 0.0
+        together = [index for index in calls if warm_s[index] <= apart * fastest]
+        for group in [together] + [[index] for index in calls if index not in together]:
+            _time_interleaved({index: (jobs[index], calls[index], warm_s[index]) for index in group}, timings,
+                              budget_s, min_reps, max_reps, rounds)
+        return [timing for timing in timings if timing is not None]
 
     return bench
+
+
+def _time_interleaved(group: dict[int, tuple[Job, Callable[[], object], float]],
+                      timings: list[Timing | Exception | None], budget_s: float, min_reps: int, max_reps: int,
+                      rounds: int) -> None:
+    """cpu_timer's rounds over `group` (job index -> (job, its prepared call, the time of a warm call)), each
+    job's Timing, or what it raised, put at its index in `timings`."""
+    share_s = budget_s / rounds
+    per_round = {index: min(max(int(share_s / max(warm, 1e-9)), 1), max(max_reps // rounds, 1))
+                 for index, (_, _, warm) in group.items()}
+    times: dict[int, list[float]] = {index: [] for index in group}
+    deadline = time.perf_counter() + budget_s * len(group)
+    round_index = 0
+    while group and (min(len(times[index]) for index in group) < min_reps
+                     or (time.perf_counter() < deadline and max(len(times[i]) for i in group) < max_reps)):
+        order = list(group)
+        shift = round_index % len(order)
+        for index in order[shift:] + order[:shift]:
+            job, call, _ = group[index]
+            try:
+                with job.context():
+                    settled = time.perf_counter() + share_s / 4
+                    while True:  # untimed
+                        reset_grads(job.leaves)
+                        call()
+                        if time.perf_counter() >= settled:
+                            break
+                    for _ in range(per_round[index]):
+                        reset_grads(job.leaves)
+                        start = time.perf_counter()
+                        call()
+                        times[index].append((time.perf_counter() - start) * 1e3)
+            except Exception as error:  # one provider's failure is its row's result, not the end of the run
+                timings[index] = error
+                del group[index]
+        round_index += 1
+    for index in group:
+        timings[index] = _quantiles(times[index])
+
+
+def time_one(timer: Timer, fn: Callable[[], object]) -> Timing:
+    """`fn` timed alone with `timer`; what it raised, raised again."""
+    (timing,) = timer([Job(lambda: fn)])
+    if isinstance(timing, Exception):
+        raise timing
+    return timing
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -136,7 +229,7 @@ def copy_bandwidth_gbps(device: torch.device, timer: Timer, nbytes: int) -> floa
     """The device's copy ceiling: GB/s of copying `nbytes` between two buffers on it (bytes read + written)."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    median, _, _ = timer(lambda: dst.copy_(src), [])
+    median, _, _ = time_one(timer, lambda: dst.copy_(src))
     return 2 * nbytes / (median * 1e-3) / 1e9
 
 
@@ -144,7 +237,7 @@ def matmul_tflops(device: torch.device, timer: Timer, n: int, dtype: torch.dtype
     """The device's compute ceiling: TFLOP/s of an (n, n) @ (n, n) product in `dtype` (2 * n^3 FLOPs)."""
     generator = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(n, n, generator=generator, device=device).to(dtype) for _ in range(2))
-    median, _, _ = timer(lambda: a @ b, [])
+    median, _, _ = time_one(timer, lambda: a @ b)
     return 2 * n**3 / (median * 1e-3) / 1e12
 
 
@@ -238,26 +331,33 @@ def compare(
     return None
 
 
-def peak_memory_mb(fn: Callable[[], object], leaves: Sequence[Tensor], device: torch.device) -> float | None:
-    """MiB one call of `fn` allocates at its peak beyond what was allocated before it; None off CUDA."""
+def peak_memory_mb(job: Job, device: torch.device) -> float | None:
+    """MiB one call of `job` allocates at its peak beyond what was allocated before it (after its preparation);
+    None off CUDA."""
     if device.type != "cuda":
         return None
-    reset_grads(leaves)
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    reset_grads(leaves)
+    with job.context():
+        call = job.prepare()
+        reset_grads(job.leaves)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        reset_grads(job.leaves)
     return peak / 2**20
 
 
-def time_call(fn: Callable[[], object], leaves: Sequence[Tensor], timer: Timer, device: torch.device) -> dict[str, Any]:
-    """The timing columns of a result row: `fn` timed with `timer` (the leaves' gradients reset before every call),
-    and its peak memory."""
-    median, p20, p80 = timer(fn, leaves)
-    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_memory_mb": peak_memory_mb(fn, leaves, device)}
+def timing_columns(timing: Timing, job: Job, device: torch.device) -> dict[str, Any]:
+    """The timing columns of a result row: the Timing of `job`, and its peak memory."""
+    median, p20, p80 = timing
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_memory_mb": peak_memory_mb(job, device)}
+
+
+def time_call(fn: Callable[[], object], timer: Timer, device: torch.device) -> dict[str, Any]:
+    """The timing columns of a result row for `fn` timed alone with `timer`; what it raised, raised again."""
+    return timing_columns(time_one(timer, fn), Job(lambda: fn), device)
 
 
 def set_time_ratios(rows: Sequence[dict[str, Any]], baselines: Collection[str]) -> None:

@@ -25,9 +25,11 @@ not timed; one that refuses a case it does not take (an SDPA backend's or an lmr
 of memory, a compile that fails) is `unsupported`, with the reason.
 
 Figures per row: the median time and the 20th-80th percentile spread (common.timer_for: triton.testing.do_bench
-on CUDA, a perf_counter loop after warm-up calls on the CPU), the throughput (the op's Metric: its formula is in
-the op's module), the fraction of the ceiling measured at the start of the run (common.measure_ceilings), peak
-memory (CUDA only: what one call allocates beyond what was allocated before it) and the ratios to PyTorch.
+on CUDA, one provider after another; on the CPU a perf_counter loop after warm-up calls, the providers of a case
+and mode interleaved in rounds so that the host's drift does not favour one), the throughput (the op's Metric: its
+formula is in the op's module), the fraction of the ceiling measured at the start of the run
+(common.measure_ceilings), peak memory (CUDA only: what one call allocates beyond what was allocated before it) and
+the ratios to PyTorch.
 """
 
 from __future__ import annotations
@@ -205,27 +207,36 @@ def timed_call(provider: Provider, case: Case, mode: str) -> Callable[[], object
 
 
 def measure(
-    row: dict[str, Any], provider: Provider, case: Case, mode: str, verdict: Failure | None, timer: common.Timer,
-    metric: common.Metric, ceilings: common.Ceilings,
-) -> dict[str, Any]:
-    """`row` (the case's columns and work) completed for `provider` in `mode`: timed unless its verdict failed or
-    it is untimed."""
-    row.update(provider=provider.name, status="ok", error=None, ms=None, ms_p20=None, ms_p80=None,
-               **{metric.rate: None, metric.fraction: None}, peak_memory_mb=None, time_vs={})
-    if verdict is None and provider.untimed:
-        row.update(status="untimed", error=provider.untimed)
-        return row
-    if verdict is None:
+    base: dict[str, Any], providers: Sequence[Provider], case: Case, mode: str, verdicts: Sequence[Failure | None],
+    timer: common.Timer, metric: common.Metric, ceilings: common.Ceilings,
+) -> list[dict[str, Any]]:
+    """A row per provider, `base` (the case's columns and work) completed for it in `mode` given its verdict: the
+    providers that passed their check and are not untimed are timed in one call of `timer`, which interleaves
+    them on the CPU."""
+    rows, jobs = [], {}
+    for index, (provider, verdict) in enumerate(zip(providers, verdicts, strict=True)):
+        row = dict(base, provider=provider.name, status="ok", error=None, ms=None, ms_p20=None, ms_p80=None,
+                   **{metric.rate: None, metric.fraction: None}, peak_memory_mb=None, time_vs={})
+        if verdict is not None:
+            row.update(status=verdict[0], error=verdict[1])
+        elif provider.untimed:
+            row.update(status="untimed", error=provider.untimed)
+        else:
+            jobs[index] = common.Job(functools.partial(timed_call, provider, case, mode), case.leaves, provider.context)
+        rows.append(row)
+    timings = timer(list(jobs.values())) if jobs else []
+    for (index, job), timing in zip(jobs.items(), timings, strict=True):
+        row = rows[index]
         try:
-            with provider.context():
-                row.update(common.time_call(timed_call(provider, case, mode), case.leaves, timer, case.device))
+            if isinstance(timing, Exception):
+                raise timing
+            row.update(common.timing_columns(timing, job, case.device))
         except Exception as error:  # the full-size case may be too large, or refused, where the checked one was not
-            verdict = _failure(provider, error, when="while timed: ")
-    if verdict is not None:
-        row.update(status=verdict[0], error=verdict[1])
-        return row
-    metric.fill(row, ceilings)
-    return row
+            status, reason = _failure(providers[index], error, when="while timed: ")
+            row.update(status=status, error=reason)
+            continue
+        metric.fill(row, ceilings)
+    return rows
 
 
 def label(key: str, value: Any) -> str:
@@ -302,8 +313,8 @@ class OpBenchmark:
             verdicts = {provider.name: check_provider(provider, check, exact, args.modes) for provider in providers}
             for mode in args.modes:
                 base = {"op": self.name, "mode": mode, **point.shape, self.metric.work: point.work(mode)}
-                rows = [measure(dict(base), provider, case, mode, verdicts[provider.name][mode], timer, self.metric,
-                                ceilings) for provider in providers]
+                rows = measure(base, providers, case, mode, [verdicts[provider.name][mode] for provider in providers],
+                               timer, self.metric, ceilings)
                 common.set_time_ratios(rows, pytorch)
                 results += rows
         return results, None

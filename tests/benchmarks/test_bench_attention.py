@@ -12,7 +12,7 @@ from tests.conftest import DEVICE
 CEILINGS = common.Ceilings(1.0, 1, 1.0, 1, "float32")
 
 
-def _untimeable(fn, grad_to_none):
+def _untimeable(jobs):
     raise AssertionError("a provider that failed its check must not be timed")
 
 
@@ -23,8 +23,8 @@ def _case(causal=False, device=DEVICE):
 def _measure(provider, case, mode, timer=_untimeable):
     exact = harness.run_once(BENCHMARK.reference, case.as_float64(), grads=True)
     verdict = harness.check_provider(provider, case, exact, [mode])[mode]
-    return harness.measure({"flops": 1.0}, provider, case, mode, verdict, timer, common.COMPUTE,
-                           CEILINGS)
+    (row,) = harness.measure({"flops": 1.0}, [provider], case, mode, [verdict], timer, common.COMPUTE, CEILINGS)
+    return row
 
 
 def test_wrong_output_is_reported_and_not_timed():
@@ -50,7 +50,7 @@ def test_wrong_gradient_is_reported_and_not_timed():
     assert verdicts["fwd"] is None
     for mode in ("bwd", "fwd+bwd"):
         assert verdicts[mode][0] == "WRONG" and verdicts[mode][1].startswith("grad_query:"), verdicts
-    row = _measure(wrong, case, "fwd", timer=lambda fn, grads: (2.0, 1.0, 3.0))
+    row = _measure(wrong, case, "fwd", timer=lambda jobs: [(2.0, 1.0, 3.0)] * len(jobs))
     assert row["status"] == "ok" and row["tflops"] == 1.0 / 2e-3 / 1e12, row
 
 

@@ -14,7 +14,7 @@ LAYER_NORM, RMS_NORM, SOFTMAX = bench_layer_norm.BENCHMARK, bench_rms_norm.BENCH
 CEILINGS = common.Ceilings(1.0, 1, 1.0, 1, "float32")
 
 
-def _untimeable(fn, grad_to_none):
+def _untimeable(jobs):
     raise AssertionError("a WRONG provider must not be timed")
 
 
@@ -29,7 +29,8 @@ def test_wrong_output_is_reported_and_not_timed():
     case, verdicts = _verdicts(LAYER_NORM, wrong)
 
     assert all(v[0] == "WRONG" and v[1].startswith("output:") for v in verdicts.values()), verdicts
-    row = harness.measure({"bytes": 1}, wrong, case, "fwd", verdicts["fwd"], _untimeable, common.BANDWIDTH, CEILINGS)
+    (row,) = harness.measure({"bytes": 1}, [wrong], case, "fwd", [verdicts["fwd"]], _untimeable, common.BANDWIDTH,
+                             CEILINGS)
     assert row["status"] == "WRONG" and row["ms"] is None and row["gbps"] is None, row
 
 
@@ -75,8 +76,8 @@ def test_an_lmrt_backend_that_lacks_the_case_is_unsupported():
 def test_the_right_provider_is_timed_with_its_throughput():
     right = Provider("torch", F.softmax, pytorch=True)
     case, verdicts = _verdicts(SOFTMAX, right)
-    row = harness.measure({"bytes": 4e6}, right, case, "fwd+bwd", verdicts["fwd+bwd"],
-                          lambda fn, grads: (2.0, 1.0, 3.0), common.BANDWIDTH, CEILINGS)
+    (row,) = harness.measure({"bytes": 4e6}, [right], case, "fwd+bwd", [verdicts["fwd+bwd"]],
+                             lambda jobs: [(2.0, 1.0, 3.0)] * len(jobs), common.BANDWIDTH, CEILINGS)
 
     assert row["status"] == "ok" and row["gbps"] == pytest.approx(2.0) and row["copy_fraction"] == pytest.approx(2.0)
 

@@ -1,3 +1,4 @@
+import contextlib
 import csv
 
 import pytest
@@ -30,3 +31,48 @@ def test_csv_flattens_ratios_and_shapes(tmp_path):
             {"provider": "a", "check_shape": "1x2", "time_vs_torch": "0.5", "ms": ""},
             {"provider": "b", "check_shape": "3x4", "time_vs_torch": "", "ms": "1.5"},
         ]
+
+
+def test_cpu_timer_interleaves_jobs_and_reports_each_failure():
+    calls = []
+
+    def job(name):
+        return common.Job(lambda: lambda: calls.append(name))
+
+    def unprepared():
+        raise RuntimeError("no such case")
+
+    def fails_when_timed():
+        def call():
+            if len(calls) > 2:
+                raise ValueError("out of memory")
+
+        return call
+
+    timer = common.cpu_timer(budget_s=0.01, warmup=1, min_reps=5, max_reps=50, rounds=5)
+    a, b, missing, late = timer([job("a"), job("b"), common.Job(unprepared), common.Job(fails_when_timed)])
+
+    assert isinstance(missing, RuntimeError) and isinstance(late, ValueError)
+    assert all(isinstance(timing, tuple) and timing[1] <= timing[0] <= timing[2] for timing in (a, b)), (a, b)
+    timed = calls[2:]  # after one warm-up call each
+    assert timed.count("a") >= 5 and timed.count("b") >= 5
+    # Interleaved: the two jobs' calls alternate in runs, rather than all of one job's calls coming first.
+    switches = sum(first != second for first, second in zip(timed, timed[1:], strict=False))
+    assert switches >= 4, timed
+
+
+def test_a_job_prepares_and_runs_in_its_context():
+    entered = []
+
+    @contextlib.contextmanager
+    def context():
+        entered.append(True)
+        yield
+        entered.pop()
+
+    def prepare():
+        assert entered, "prepared outside its context"
+        return lambda: None if entered else pytest.fail("called outside its context")
+
+    (timing,) = common.cpu_timer(budget_s=0.001, warmup=1, min_reps=3)([common.Job(prepare, context=context)])
+    assert isinstance(timing, tuple)
