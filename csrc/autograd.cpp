@@ -1,6 +1,7 @@
 // The differentiable operators of lmrt._C: lmrt_C::layer_norm, rms_norm and softmax take the tensors of the
 // torch.nn.functional call (any shape, any strides), lay them out as the kernel-level operators of lmrt_ops.cpp
-// take them, and register their backward in C++.
+// take them, and register their backward in C++; lmrt_C::attention takes (batch, heads, rows, dim) tensors in any
+// strides, as the kernel-level attention_fwd does.
 //
 // They are lmrt.ops' eager path on the cpp and cuda backends: one dispatch into C++ per call and per backward,
 // where the Python custom ops of lmrt/ops/ (which torch.compile and opcheck see) cost some 40 us of Python each.
@@ -208,12 +209,61 @@ Tensor softmax_autograd(const Tensor& input, int64_t dim, at::ScalarType out_dty
   return SoftmaxFunction::apply(input, dim, out_dtype, log);
 }
 
+// ------------------------------------------------------------------------------------------------ attention
+
+using AttentionFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                const std::optional<Tensor>&, bool, bool, double, bool);
+using AttentionBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                        const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                                        bool, bool, double);
+
+// (out (batch, heads, q_len, head_dim_v) contiguous, lse): causal masking top-left aligned, as in PyTorch.
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const std::optional<Tensor>& mask, bool causal, double scale) {
+  static const auto fwd = typed_operator<AttentionFwd>("lmrt_C::attention_fwd");
+  return fwd.call(q, k, v, mask, causal, /*bottom_right=*/false, scale, /*heads_first_out=*/true);
+}
+
+// The mask takes no gradient: lmrt.ops sends a call whose float mask requires grad to a backend that gives one.
+struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const std::optional<Tensor>& mask, bool causal, double scale) {
+    auto [out, lse] = attention_forward(q, k, v, mask, causal, scale);
+    ctx->save_for_backward({q, k, v, out, lse, mask.value_or(Tensor())});
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = typed_operator<AttentionBwd>("lmrt_C::attention_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& mask = saved[5];
+    auto [dq, dk, dv] = bwd.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                 mask.defined() ? std::optional<Tensor>(mask) : std::nullopt,
+                                 ctx->saved_data["causal"].toBool(), /*bottom_right=*/false,
+                                 ctx->saved_data["scale"].toDouble());
+    return {dq, dk, dv, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask, bool causal,
+                 double scale) {
+  return std::get<0>(attention_forward(q, k, v, mask, causal, scale));
+}
+
+Tensor attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                          bool causal, double scale) {
+  return AttentionFunction::apply(q, k, v, mask, causal, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lmrt_C, m) {
   m.def("layer_norm(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   m.def("rms_norm(Tensor input, int[] normalized_shape, Tensor? weight, float eps) -> Tensor");
   m.def("softmax(Tensor input, int dim, ScalarType out_dtype, bool log) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale) -> Tensor");
 }
 
 // Without autograd (inference mode), the forward alone; with it, the Functions above.
@@ -221,10 +271,12 @@ TORCH_LIBRARY_IMPL(lmrt_C, CompositeExplicitAutograd, m) {
   m.impl("layer_norm", &layer_norm);
   m.impl("rms_norm", &rms_norm);
   m.impl("softmax", &softmax);
+  m.impl("attention", &attention);
 }
 
 TORCH_LIBRARY_IMPL(lmrt_C, Autograd, m) {
   m.impl("layer_norm", &layer_norm_autograd);
   m.impl("rms_norm", &rms_norm_autograd);
   m.impl("softmax", &softmax_autograd);
+  m.impl("attention", &attention_autograd);
 }

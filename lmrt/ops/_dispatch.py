@@ -38,19 +38,21 @@ def _none(*args: object) -> None:
 
 
 def _load_eager_calls() -> SimpleNamespace | ModuleType:
-    """lmrt._C, whose functions layer_norm, rms_norm and softmax run a whole eager call of the lmrt.ops function of
-    that name on the extension in one C call, and return None for any call they leave to the Python path
-    (csrc/eager_calls.cpp); without the extension, stand-ins that leave every call to it."""
+    """lmrt._C, whose functions layer_norm, rms_norm, softmax and attention run a whole eager call of lmrt.ops'
+    function (attention: scaled_dot_product_attention) on the extension in one C call, and return None for any call
+    they leave to the Python path (csrc/eager_calls.cpp); without the extension, stand-ins that leave every call to
+    it."""
     if backends.extension_status()[0]:
         import lmrt._C
 
         return lmrt._C
-    return SimpleNamespace(layer_norm=_none, rms_norm=_none, softmax=_none)
+    return SimpleNamespace(layer_norm=_none, rms_norm=_none, softmax=_none, attention=_none)
 
 
-# Called first by lmrt.ops.layer_norm, rms_norm, softmax and log_softmax outside torch.compile. The Python path
-# after it (checks, backend choice, the custom op lmrt::<op>_fwd) cost some 40 us per call on the 2-core Xeon of the
-# CPU benchmarks: after a kernel that streams a few MB, none of the Python objects it touches are in the caches.
+# Called first by lmrt.ops.layer_norm, rms_norm, softmax, log_softmax and scaled_dot_product_attention outside
+# torch.compile. The Python path after it (checks, backend choice, the custom op lmrt::<op>_fwd) cost some 40 us per
+# call on the 2-core Xeon of the CPU benchmarks: after a kernel that streams a few MB, none of the Python objects it
+# touches are in the caches.
 eager_calls = _load_eager_calls()
 
 

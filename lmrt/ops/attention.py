@@ -11,10 +11,11 @@ import math
 
 import torch
 from torch import Tensor
+from torch.compiler import is_compiling
 
-from lmrt import reference
+from lmrt import backends, reference
 from lmrt.ops._checks import check_floating
-from lmrt.ops._dispatch import extension_ops, pick_backend
+from lmrt.ops._dispatch import eager_calls, extension_ops, pick_backend
 
 # The largest head dim the Triton kernels take; larger ones fall back to the reference (or raise, when the
 # triton backend was chosen explicitly).
@@ -38,6 +39,11 @@ def scaled_dot_product_attention(
     `enable_gqa`, key and value may have fewer heads than query (a divisor of its count); they are not repeated
     in memory. A query that sees no key gets zeros. Dropout applies whenever `dropout_p` > 0.
     """
+    if not is_compiling():
+        output = eager_calls.attention(backends.context_choice, query, key, value, attn_mask, dropout_p, is_causal,
+                                       scale, enable_gqa)
+        if output is not None:
+            return output
     op = "scaled_dot_product_attention"
     check_attention_inputs(op, query, key, value, keys_dim=-2)
     check_dropout_p(op, dropout_p)

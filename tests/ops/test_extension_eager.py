@@ -1,7 +1,8 @@
-"""The eager path of the extension backends: on cpp (CPU) or cuda (GPU), lmrt.ops.layer_norm, rms_norm, softmax and
-log_softmax call the extension's differentiable operators (torch.ops.lmrt_C.<op>, csrc/autograd.cpp) instead of the
-custom ops lmrt::<op>_fwd that torch.compile sees. Both run the same kernels on the same layouts, so their outputs
-and gradients must be bitwise equal; the op tests (test_<op>.py) hold the results to the reference."""
+"""The eager path of the extension backends: on cpp (CPU) or cuda (GPU), lmrt.ops.layer_norm, rms_norm, softmax,
+log_softmax and scaled_dot_product_attention call the extension's differentiable operators (torch.ops.lmrt_C.<op>,
+csrc/autograd.cpp) instead of the custom ops lmrt::<op>_fwd that torch.compile sees. Both run the same kernels on
+the same layouts, so their outputs and gradients must be bitwise equal; the op tests (test_<op>.py) hold the results
+to the reference."""
 
 import pytest
 import torch
@@ -157,3 +158,76 @@ def test_eager_calls_leave_other_calls_to_python():
     with lmrt.backend(BACKEND):
         out = lmrt.ops.layer_norm(x.as_subclass(_Subclass), (8,))
     assert type(out) is _Subclass and torch.equal(out.as_subclass(torch.Tensor), _norm_call(x=x))
+
+
+def _attention_inputs(dtype, heads=(4, 4), q_len=5, k_len=7, head_dims=(16, 16), batch=2, requires_grad=True):
+    q = _tensor((batch, heads[0], q_len, head_dims[0]), dtype, requires_grad)
+    k = _tensor((batch, heads[1], k_len, head_dims[0]), dtype, requires_grad)
+    v = _tensor((batch, heads[1], k_len, head_dims[1]), dtype, requires_grad)
+    return q, k, v
+
+
+# (query and key/value heads, q_len, k_len, head dims of q/k and v, causal, mask: None, "bool" or "float")
+ATTENTION_CASES = [((4, 4), 5, 7, (16, 16), False, None), ((4, 4), 9, 9, (24, 40), True, None),
+                   ((4, 2), 6, 11, (16, 16), True, None), ((4, 1), 1, 13, (32, 32), False, None),
+                   ((2, 2), 7, 5, (16, 8), False, "bool"), ((2, 2), 4, 6, (16, 16), True, "float")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_attention(case, dtype):
+    heads, q_len, k_len, head_dims, causal, mask_kind = case
+    q, k, v = _attention_inputs(dtype, heads, q_len, k_len, head_dims)
+    batch = q.shape[0]
+    mask = None
+    if mask_kind == "bool":  # a key-padding mask, broadcast over heads and queries
+        mask = torch.rand(batch, 1, 1, k_len, device=DEVICE) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "float":
+        mask = torch.randn(heads[0], q_len, k_len, device=DEVICE, dtype=dtype)
+    gqa = heads[0] != heads[1]
+    scale = 1 / head_dims[0] ** 0.5
+    expanded = None if mask is None else mask.expand(batch, heads[0], q_len, k_len)
+    _check_paths_agree(
+        lambda q, k, v: lmrt.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                              enable_gqa=gqa),
+        lambda q, k, v: torch.ops.lmrt.attention_fwd(q, k, v, expanded, None, None, q_len, k_len, 0.0, None, causal,
+                                                     False, scale, True)[0],
+        [q, k, v], "AttentionFunction")
+
+
+def test_attention_on_transposed_views():
+    # (batch, rows, heads, dim) tensors viewed heads-first, as lmrt.nn.MultiheadAttention passes them.
+    q, k, v = (torch.randn(2, 6, 3, 16, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(3))
+    _check_paths_agree(
+        lambda q, k, v: lmrt.ops.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3),
+        lambda q, k, v: torch.ops.lmrt.attention_fwd(q, k, v, None, None, None, 6, 6, 0.0, None, True, False, 0.3,
+                                                     True)[0],
+        [q, k, v], "AttentionFunction")
+
+
+@pytest.mark.skipif(not lmrt.backends.extension_status()[0], reason="lmrt._C is not built")
+def test_attention_eager_call_leaves_other_calls_to_python():
+    q, k, v = _attention_inputs(torch.float32, heads=(4, 2))
+
+    def call(q=q, k=k, v=v, mask=None, dropout_p=0.0, causal=False, scale=None, gqa=True, choice=BACKEND):
+        return lmrt._C.attention(choice, q, k, v, mask, dropout_p, causal, scale, gqa)
+
+    assert isinstance(call(), torch.Tensor) and isinstance(call(dropout_p=0, scale=1), torch.Tensor)
+    float_mask = torch.zeros(5, 7, device=DEVICE)
+    declined = [
+        call(gqa=False), call(dropout_p=0.1), call(mask=float_mask.requires_grad_()), call(q=q[0]),
+        call(k=k[:1], v=v[:1]), call(k=k.double(), v=v.double()), call(q=q[:, :1], gqa=False),
+        call(k=k[:, :1].expand(-1, 3, -1, -1), v=v[:, :1].expand(-1, 3, -1, -1)), call(v=v[:, :, :6]),
+        call(k=k[..., :8]), call(mask=torch.ones(5, 6, device=DEVICE, dtype=torch.bool)),
+        call(mask=torch.ones(5, 7, device=DEVICE, dtype=torch.int32)), call(causal=1), call(scale="0.1"),
+        call(choice="torch"),
+    ]
+    assert all(output is None for output in declined)
+    with _Mode():
+        assert call() is None
+    # A declined call still runs, on the Python path: here a query head broadcast over the key heads.
+    with lmrt.backend(BACKEND):
+        single = lmrt.ops.scaled_dot_product_attention(q[:, :1], k, v)
+    assert torch.allclose(single, torch.nn.functional.scaled_dot_product_attention(q[:, :1].expand(-1, 2, -1, -1),
+                                                                                   k, v), atol=1e-5)
