@@ -22,7 +22,7 @@ torch-eager, torch-fused and torch-compile are the PyTorch providers each row's 
 
 A training step: forward and loss under autocast (bfloat16 on CUDA; float32 on the CPU, no autocast), backward,
 gradient clipping to norm 1, an AdamW step (fused on CUDA), gradients set to None; timed with the harness's timer
-(do_bench on CUDA, with MODEL_REP_MS of timed steps). tokens/s = batch * context / median step time. MFU = model
+(do_bench on CUDA, with MODEL_REP_MS of timed steps; on the CPU the providers' steps interleaved in rounds). tokens/s = batch * context / median step time. MFU = model
 FLOPs per token (GPT.estimate_mfu: 6 * non-embedding parameters + 12 * layers * width * context) * tokens/s / the
 GPU's peak bfloat16 FLOP/s (lmrt.train.trainer.PEAK_FLOPS; none for a CPU or a GPU not listed); `% matmul` is the
 same FLOPs over the matmul ceiling measured at the start of the run. Peak memory (CUDA): what one step allocates
@@ -35,8 +35,8 @@ well as a wrong forward. A provider outside the tolerance, or one that raises, i
 another model, must give finite losses.
 
 Generation: greedy continuation of a prompt at batch 1 with the KV cache (model.generate, use_cache=True), in
-eval mode under the same autocast, from the initial weights; tokens/s = new tokens / median time of a call (3
-calls after a warm-up). `same_as_recompute` counts the leading new tokens that the cached generation shares with
+eval mode under the same autocast, from the initial weights; tokens/s = new tokens / median time of a call (at
+least 3 calls each, the providers interleaved in rounds after a warm-up call each). `same_as_recompute` counts the leading new tokens that the cached generation shares with
 use_cache=False (the whole sequence recomputed at every step) on the same provider: all of them, unless a near-tie
 between two logits of the untrained model breaks the other way.
 """
@@ -206,11 +206,12 @@ def check_losses(losses: Sequence[float], expected: Sequence[float] | None, dtyp
     return None
 
 
-def measure_training(
+def check_training(
     spec: ModelSpec, provider: ModelProvider, gpt_state: dict[str, Tensor], batches: Sequence[tuple[Tensor, Tensor]],
-    expected: Sequence[float] | None, timer: common.Timer, ceilings: common.Ceilings, device: torch.device,
-) -> dict[str, Any]:
-    """One training row: `provider` checked (its losses against `expected`), then timed unless that failed."""
+    expected: Sequence[float] | None, device: torch.device,
+) -> tuple[dict[str, Any], common.Job | None, torch.nn.Module | None]:
+    """A training row with `provider`'s check (its losses against `expected`), the job that times its step and the
+    model (None and None when the check failed)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     row: dict[str, Any] = {
         "task": "train", "model": spec.name, "parameters": None, "batch": spec.batch,
@@ -225,13 +226,25 @@ def measure_training(
             step = train_step(module, model, device)
             row["losses"] = [step(*batch).item() for batch in batches]
             error = check_losses(row["losses"], None if provider.lstm else expected, dtype)
-            if error is None:
-                row.update(common.time_call(lambda: step(*batches[0]), timer, device))
     except Exception as failure:  # a provider that fails is a result to report, not the end of the run
         error = common.raised(failure)
     if error is not None:
         row.update(status="WRONG", error=error)
-        return row
+        return row, None, None
+    return row, common.Job(lambda: functools.partial(step, *batches[0]), context=provider.context), model
+
+
+def fill_training(row: dict[str, Any], timing: common.Timing | Exception, job: common.Job, model: torch.nn.Module,
+                  spec: ModelSpec, ceilings: common.Ceilings, device: torch.device) -> None:
+    """Complete a checked training row with its step's timing: tokens/s, and for the GPT its fraction of the
+    matmul ceiling and MFU."""
+    try:
+        if isinstance(timing, Exception):
+            raise timing
+        row.update(common.timing_columns(timing, job, device))
+    except Exception as failure:  # a provider that fails is a result to report, not the end of the run
+        row.update(status="WRONG", error=common.raised(failure))
+        return
     tokens_per_second = spec.batch * spec.gpt.context_length / (row["ms"] * 1e-3)
     row["tokens_per_second"] = tokens_per_second
     if isinstance(model, GPT):
@@ -239,12 +252,12 @@ def measure_training(
         peak = next((flops for name, flops in PEAK_FLOPS.items()
                      if device.type == "cuda" and name in common.device_name(device)), None)
         row["mfu"] = None if peak is None else model.estimate_mfu(tokens_per_second, peak)
-    return row
 
 
-def measure_generation(spec: ModelSpec, provider: ModelProvider, gpt_state: dict[str, Tensor],
-                       prompt: Tensor, device: torch.device) -> dict[str, Any]:
-    """One generation row: greedy tokens/s with the KV cache, and its agreement with recomputing."""
+def check_generation(spec: ModelSpec, provider: ModelProvider, gpt_state: dict[str, Tensor], prompt: Tensor,
+                     device: torch.device) -> tuple[dict[str, Any], common.Job | None]:
+    """A generation row with the agreement of `provider`'s cached greedy generation with recomputing, and the job
+    that times the cached one (None when it failed)."""
     row: dict[str, Any] = {
         "task": "generate", "model": spec.name, "provider": provider.name, "status": "ok", "error": None,
         "prompt_tokens": spec.prompt, "new_tokens": spec.new_tokens, "ms": None, "ms_p20": None, "ms_p80": None,
@@ -257,26 +270,39 @@ def measure_generation(spec: ModelSpec, provider: ModelProvider, gpt_state: dict
             torch.cuda.synchronize(device)
         return out[0, spec.prompt:]
 
-    try:
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
         with provider.context(), autocast(device):
+            yield
+
+    try:
+        with context():
             _, model = build(spec, provider, gpt_state, device)
             model.eval()
             cached, recomputed = generate(True), generate(False)
-            row.update(common.time_call(lambda: generate(True), common.cpu_timer(0, warmup=1, min_reps=3),
-                                        device))
     except Exception as failure:
         row.update(status="WRONG", error=common.raised(failure))
-        return row
+        return row, None
     differ = (cached != recomputed).nonzero()
     row["same_as_recompute"] = int(differ[0, 0]) if len(differ) else len(cached)
-    row["tokens_per_second"] = spec.new_tokens / (row["ms"] * 1e-3)
-    return row
+    return row, common.Job(lambda: functools.partial(generate, True), context=context)
+
+
+def fill_generation(row: dict[str, Any], timing: common.Timing | Exception, job: common.Job,
+                    device: torch.device) -> None:
+    """Complete a checked generation row with its timing: tokens/s."""
+    if isinstance(timing, Exception):
+        row.update(status="WRONG", error=common.raised(timing))
+        return
+    row.update(common.timing_columns(timing, job, device))
+    row["tokens_per_second"] = row["new_tokens"] / (row["ms"] * 1e-3)
 
 
 def run(specs: Sequence[ModelSpec], found: Sequence[ModelProvider], timer: common.Timer, ceilings: common.Ceilings,
         device: torch.device, deadline: float | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """Training rows, then generation rows, of every model and provider; and what was not run when
-    time.monotonic() passed `deadline` (None when all was)."""
+    time.monotonic() passed `deadline` (None when all was). Each task checks every provider first, then times
+    those that passed in one call of the timer, which interleaves them on the CPU."""
     results: list[dict[str, Any]] = []
     for index, spec in enumerate(specs):
         if deadline is not None and time.monotonic() > deadline:
@@ -285,24 +311,32 @@ def run(specs: Sequence[ModelSpec], found: Sequence[ModelProvider], timer: commo
         gpt_state = copy.deepcopy(GPT(spec.gpt, device=device).state_dict())
         batches = corpus_batches(spec, CHECK_STEPS, device)
         expected = None
-        rows = []
+        checked: dict[str, tuple[dict[str, Any], common.Job | None, torch.nn.Module | None]] = {}
         for provider in sorted(found, key=lambda p: p.name != "torch-eager"):  # torch-eager's losses first
             print(f"model: {spec.name} train {provider.name}", file=sys.stderr, flush=True)
-            torch.compiler.reset()
-            row = measure_training(spec, provider, gpt_state, batches, expected, timer, ceilings, device)
-            if provider.name == "torch-eager" and row["losses"] is not None:
-                expected = row["losses"]
-            rows.append(row)
-        rows.sort(key=lambda row: [p.name for p in found].index(row["provider"]))
+            if provider.compiled:
+                torch.compiler.reset()
+            checked[provider.name] = check_training(spec, provider, gpt_state, batches, expected, device)
+            if provider.name == "torch-eager" and checked[provider.name][0]["losses"] is not None:
+                expected = checked[provider.name][0]["losses"]
+        rows = [checked[provider.name][0] for provider in found]
+        timed = [checked[provider.name] for provider in found if checked[provider.name][1] is not None]
+        print(f"model: {spec.name} train: timing {len(timed)} providers", file=sys.stderr, flush=True)
+        for (row, job, model), timing in zip(timed, timer([job for _, job, _ in timed]), strict=True):
+            fill_training(row, timing, job, model, spec, ceilings, device)
         common.set_time_ratios(rows, PYTORCH)
         prompt = batches[0][0][:1, : spec.prompt]
         generation = []
         for provider in found:
             if not provider.compiled:
                 print(f"model: {spec.name} generate {provider.name}", file=sys.stderr, flush=True)
-                generation.append(measure_generation(spec, provider, gpt_state, prompt, device))
-        common.set_time_ratios(generation, PYTORCH)
-        results += rows + generation
+                generation.append(check_generation(spec, provider, gpt_state, prompt, device))
+        timed = [(row, job) for row, job in generation if job is not None]
+        generation_timer = common.cpu_timer(0, warmup=1, min_reps=3)
+        for (row, job), timing in zip(timed, generation_timer([job for _, job in timed]), strict=True):
+            fill_generation(row, timing, job, device)
+        common.set_time_ratios([row for row, _ in generation], PYTORCH)
+        results += rows + [row for row, _ in generation]
     return results, None
 
 
