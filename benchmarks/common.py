@@ -32,7 +32,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Job:
     """A call to time. `prepare()`, run inside `context()`, returns the call; what it does first (the forward whose

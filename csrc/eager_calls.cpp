@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
