@@ -171,7 +171,6 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
               const float* mean, const float* rstd, T* dx, float* dweight_partial, float* dbias_partial, int64_t rows,
               int64_t cols) {
   const int64_t task_rows = bwd_rows_per_task(rows, cols);
-  constexpr int64_t kWidth = FloatVec::size();
   at::parallel_for(0, bwd_task_count(rows, cols), 1, [&](int64_t task_begin, int64_t task_end) {
     constexpr bool kFloat = std::is_same_v<T, float>;
     std::vector<float> x_scratch(kFloat ? 0 : cols), dy_scratch(kFloat ? 0 : cols), dx_scratch(kFloat ? 0 : cols);
@@ -193,8 +192,7 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
         // One pass for every output: dx = (g - mean(g) - x_hat * mean(g * x_hat)) * rstd, dweight += dy * x_hat,
         // dbias += dy.
         const FloatVec mu_v(mu), rs_v(rs), g_mean_v(g_mean), xhat_g_v(xhat_g);
-        int64_t i = 0;
-        for (; i + kWidth <= cols; i += kWidth) {
+        const auto vector_step = [&](int64_t i) {
           const FloatVec d = FloatVec::loadu(dyr + i);
           const FloatVec x_hat = (kRms ? FloatVec::loadu(xr + i) : FloatVec::loadu(xr + i) - mu_v) * rs_v;
           if (out != nullptr) {
@@ -203,8 +201,8 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
           }
           if (dw != nullptr) at::vec::fmadd(d, x_hat, FloatVec::loadu(dw + i)).store(dw + i);
           if (db != nullptr) (FloatVec::loadu(db + i) + d).store(db + i);
-        }
-        for (; i < cols; ++i) {
+        };
+        const auto scalar_step = [&](int64_t i) {
           const float x_hat = (kRms ? xr[i] : xr[i] - mu) * rs;
           if (out != nullptr) {
             const float g = weight != nullptr ? dyr[i] * weight[i] : dyr[i];
@@ -212,7 +210,10 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
           }
           if (dw != nullptr) dw[i] += dyr[i] * x_hat;
           if (db != nullptr) db[i] += dyr[i];
-        }
+        };
+        // The sums' pass read x and dy (as float32): from the row's end back when that was more than L1 holds.
+        for_each_column(cols, second_pass_backward(2 * cols * static_cast<int64_t>(sizeof(float))), vector_step,
+                        scalar_step);
         if (out != nullptr) store_row(out, dxr, cols);
       }
     }
