@@ -22,11 +22,12 @@ torch-eager, torch-fused and torch-compile are the PyTorch providers each row's 
 
 A training step: forward and loss under autocast (bfloat16 on CUDA; float32 on the CPU, no autocast), backward,
 gradient clipping to norm 1, an AdamW step (fused on CUDA), gradients set to None; timed with the harness's timer
-(do_bench on CUDA, with MODEL_REP_MS of timed steps; on the CPU the providers' steps interleaved in rounds). tokens/s = batch * context / median step time. MFU = model
-FLOPs per token (GPT.estimate_mfu: 6 * non-embedding parameters + 12 * layers * width * context) * tokens/s / the
-GPU's peak bfloat16 FLOP/s (lmrt.train.trainer.PEAK_FLOPS; none for a CPU or a GPU not listed); `% matmul` is the
-same FLOPs over the matmul ceiling measured at the start of the run. Peak memory (CUDA): what one step allocates
-beyond the model, its gradients and the optimizer's state held before it.
+(do_bench on CUDA, with MODEL_REP_MS of timed steps; on the CPU the providers' steps interleaved in rounds).
+tokens/s = batch * context / median step time. MFU = model FLOPs per token (GPT.estimate_mfu: 6 * non-embedding
+parameters + 12 * layers * width * context) * tokens/s / the GPU's peak bfloat16 FLOP/s
+(lmrt.train.trainer.PEAK_FLOPS; none for a CPU or a GPU not listed); `% matmul` is the same FLOPs over the matmul
+ceiling measured at the start of the run. Peak memory (CUDA): what one step allocates beyond the model, its
+gradients and the optimizer's state held before it.
 
 Check before timing: every GPT provider trains CHECK_STEPS steps from the same initial weights on the same
 batches; its losses must stay within LOSS_TOLERANCE (relative, per dtype: float32 1e-4, bfloat16 2e-2) of
@@ -34,12 +35,11 @@ torch-eager's at every step. The steps after the first depend on the gradients, 
 well as a wrong forward. A provider outside the tolerance, or one that raises, is WRONG and not timed. The LSTM,
 another model, must give finite losses.
 
-Generation: greedy continuation of a prompt at batch 1 with the KV cache (model.generate, use_cache=True), in
-eval mode under the same autocast, from the initial weights; tokens/s = new tokens / median time of a call (at
-least 3 calls each, the providers interleaved in rounds after a warm-up call each). `same_as_recompute` counts the leading new tokens that the cached generation shares with
-use_cache=False (the whole sequence recomputed at every step) on the same provider: all of them, unless a near-tie
-between two logits of the untrained model breaks the other way.
-"""
+Generation: greedy continuation of a prompt at batch 1 with the KV cache (model.generate, use_cache=True), in eval
+mode under the same autocast, from the initial weights; tokens/s = new tokens / median time of a call (at least 3
+calls each, the providers interleaved in rounds after a warm-up call each). `same_as_recompute` counts the leading
+new tokens that the cached generation shares with use_cache=False (the whole sequence recomputed at every step) on
+the same provider: all of them, unless a near-tie between two logits of the untrained model breaks the other way."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def test_layer_norm(case, dtype, weight_present, bias_present):
     bias = _tensor(normalized_shape, dtype, bias_grad, bias_present)
     _check_paths_agree(lambda x, w, b: lmrt.ops.layer_norm(x, normalized_shape, w, b, 1e-5),
                        lambda x, w, b: torch.ops.lmrt.layer_norm_fwd(x, normalized_shape, w, b, 1e-5)[0],
-                       [x, weight, bias], "LayerNormFunction")
+                       [x, weight, bias], "LmrtLayerNormBackward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -77,7 +77,7 @@ def test_rms_norm(case, dtype, weight_present):
     weight = _tensor(normalized_shape, dtype, weight_grad, weight_present)
     _check_paths_agree(lambda x, w: lmrt.ops.rms_norm(x, normalized_shape, w, 1e-6),
                        lambda x, w: torch.ops.lmrt.rms_norm_fwd(x, normalized_shape, w, 1e-6)[0],
-                       [x, weight], "RmsNormFunction")
+                       [x, weight], "LmrtRmsNormBackward")
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.float32], ids=str)
@@ -88,7 +88,7 @@ def test_softmax(shape, dim, log, dtype, out_dtype):
     public = lmrt.ops.log_softmax if log else lmrt.ops.softmax
     _check_paths_agree(lambda x: public(x, dim, dtype=out_dtype),
                        lambda x: torch.ops.lmrt.softmax_fwd(x, dim % x.dim(), out_dtype or x.dtype, log),
-                       [_tensor(shape, dtype)], "SoftmaxFunction")
+                       [_tensor(shape, dtype)], "LmrtSoftmaxBackward")
 
 
 def test_strided_inputs_and_inference_mode():
@@ -96,9 +96,9 @@ def test_strided_inputs_and_inference_mode():
     weight = torch.randn(97, device=DEVICE, requires_grad=True)
     _check_paths_agree(lambda x, w: lmrt.ops.layer_norm(x, (97,), w),
                        lambda x, w: torch.ops.lmrt.layer_norm_fwd(x, (97,), w, None, 1e-5)[0],
-                       [transposed, weight], "LayerNormFunction")
+                       [transposed, weight], "LmrtLayerNormBackward")
     _check_paths_agree(lambda x: lmrt.ops.softmax(x, 0), lambda x: torch.ops.lmrt.softmax_fwd(x, 0, x.dtype, False),
-                       [transposed], "SoftmaxFunction")
+                       [transposed], "LmrtSoftmaxBackward")
     x = torch.randn(5, 97, device=DEVICE)
     with torch.inference_mode(), lmrt.backend(BACKEND):
         assert torch.equal(lmrt.ops.rms_norm(x, (97,), weight.detach(), 1e-6),
@@ -193,7 +193,7 @@ def test_attention(case, dtype):
                                                               enable_gqa=gqa),
         lambda q, k, v: torch.ops.lmrt.attention_fwd(q, k, v, expanded, None, None, q_len, k_len, 0.0, None, causal,
                                                      False, scale, True)[0],
-        [q, k, v], "AttentionFunction")
+        [q, k, v], "LmrtAttentionBackward")
 
 
 def test_attention_on_transposed_views():
@@ -203,7 +203,7 @@ def test_attention_on_transposed_views():
         lambda q, k, v: lmrt.ops.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3),
         lambda q, k, v: torch.ops.lmrt.attention_fwd(q, k, v, None, None, None, 6, 6, 0.0, None, True, False, 0.3,
                                                      True)[0],
-        [q, k, v], "AttentionFunction")
+        [q, k, v], "LmrtAttentionBackward")
 
 
 @pytest.mark.skipif(not lmrt.backends.extension_status()[0], reason="lmrt._C is not built")
@@ -231,3 +231,51 @@ def test_attention_eager_call_leaves_other_calls_to_python():
         single = lmrt.ops.scaled_dot_product_attention(q[:, :1], k, v)
     assert torch.allclose(single, torch.nn.functional.scaled_dot_product_attention(q[:, :1].expand(-1, 2, -1, -1),
                                                                                    k, v), atol=1e-5)
+
+
+def _eager_ops():
+    """(name, the eager call on a (3, 8) float32 input x, its backward node's name)."""
+    weight = torch.randn(8, device=DEVICE, requires_grad=True)
+    q, k, v = _attention_inputs(torch.float32, heads=(2, 2), q_len=3, k_len=3, head_dims=(8, 8), batch=1)
+    return [("layer_norm", lambda x: lmrt.ops.layer_norm(x, (8,), weight), "LmrtLayerNormBackward"),
+            ("rms_norm", lambda x: lmrt.ops.rms_norm(x, (8,), weight), "LmrtRmsNormBackward"),
+            ("softmax", lambda x: lmrt.ops.softmax(x, -1), "LmrtSoftmaxBackward"),
+            ("attention", lambda x: lmrt.ops.scaled_dot_product_attention(x.view(1, 1, 3, 8).expand(1, 2, 3, 8), k,
+                                                                          v), "LmrtAttentionBackward")]
+
+
+@pytest.mark.parametrize("op", _eager_ops(), ids=lambda op: op[0])
+def test_eager_nodes_keep_autograd_semantics(op):
+    name, fn, node = op
+    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    with lmrt.backend(BACKEND):
+        out = fn(x)
+        assert out.grad_fn.name() == node
+        out.sum().backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            out.sum().backward()  # the saved tensors were freed by the first backward
+        out = fn(x * 1)
+        grad_input = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+        assert torch.equal(torch.autograd.grad(out.sum(), x)[0], grad_input)  # retain_graph kept them
+        y = x * 1
+        out = fn(y)
+        (out if name == "softmax" else y).add_(1)  # modifies a tensor the backward needs (softmax's: its output)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            out = fn(x)
+        assert packed and torch.equal(torch.autograd.grad(out.sum(), x)[0], grad_input)
+        with torch.no_grad():
+            assert fn(x).grad_fn is None
+
+
+@pytest.mark.parametrize("op", _eager_ops(), ids=lambda op: op[0])
+def test_eager_nodes_refuse_forward_mode_ad(op):
+    name, fn, _ = op
+    import torch.autograd.forward_ad as fwAD
+
+    with lmrt.backend(BACKEND), fwAD.dual_level():
+        dual = fwAD.make_dual(torch.randn(3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE))
+        with pytest.raises(RuntimeError, match=f"lmrt_C::{name}: forward-mode AD is not supported"):
+            fn(dual)
