@@ -140,10 +140,12 @@ static void softmax_grad_row(const ScoreRow& row, float* dp, float lse, float de
 // ---------------------------------------------------------------------------------------------------------------
 // Blocks and layouts.
 
-// C (m x n) = A (m x k) B (k x n), plus C when `accumulate`; row-major float32 with leading dims. Through
-// cpublas::brgemm, which libtorch exports (its gemm is not), and which JIT-compiles and caches a oneDNN microkernel
-// per shape: faster than sgemm on these small blocks (measured 165-195 GFLOPS vs 135-175 on one AVX-512 core).
-static void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+// C (m x n) = A (m x k) B (k x n), plus C when `accumulate`; row-major with leading dims, float32 or bfloat16
+// operands (B not packed) and a float32 C. Through cpublas::brgemm, which libtorch exports (its gemm is not), and
+// which JIT-compiles and caches a oneDNN microkernel per shape: faster than sgemm on these small blocks (measured
+// 165-195 GFLOPS vs 135-175 on one AVX-512 core in float32; 534-686 GFLOPS in bfloat16 on the benchmarks' Xeon).
+template <typename T>
+static void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, float* c,
                  int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
   if (k == 0) {  // an empty sum: brgemm does not take k = 0
@@ -152,7 +154,14 @@ static void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
     }
     return;
   }
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c);
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+}
+
+// Whether bfloat16 inputs multiply in bfloat16: where oneDNN's brgemm has a bfloat16 kernel for this CPU
+// (AVX512-BF16 or AMX), at three times the float32 throughput; elsewhere they are converted to float32.
+static bool bfloat16_gemm_available() {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  return available;
 }
 
 static int64_t ceil_div(int64_t a, int64_t b) {
@@ -190,44 +199,51 @@ static Matrix<scalar_t> head_of(const at::Tensor& t, int64_t b, int64_t h) {
   return {t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// A row-major float32 view for a gemm operand.
-struct FloatRows {
-  const float* data;
+// A row-major view for a gemm operand, of float32 or bfloat16.
+template <typename T>
+struct Rows {
+  const T* data;
   int64_t ld;
 };
+using FloatRows = Rows<float>;
 
-// Rows [r0, r0 + n) of `m` (cols wide) as row-major float32: the tensor's own memory when it is float32 with unit
-// column stride and rows that do not overlap, else a converted copy in `scratch` (n x cols).
-template <typename scalar_t>
-static FloatRows float_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, float* scratch) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
+// Rows [r0, r0 + n) of `m` (cols wide) as row-major T: the tensor's own memory when it is T with unit column
+// stride and rows that do not overlap, else a converted copy in `scratch` (n x cols).
+template <typename T = float, typename scalar_t>
+static Rows<T> operand_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, T* scratch) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
     if (m.col_stride == 1 && m.row_stride >= cols) return {m.data + r0 * m.row_stride, m.row_stride};
   }
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* src = m.data + (r0 + r) * m.row_stride;
-    for (int64_t c = 0; c < cols; ++c) scratch[r * cols + c] = static_cast<float>(src[c * m.col_stride]);
+    for (int64_t c = 0; c < cols; ++c) scratch[r * cols + c] = static_cast<T>(src[c * m.col_stride]);
   }
   return {scratch, cols};
 }
 
-// Rows [r0, r0 + n) of `m` transposed to float32: dst[c * ld + r] for c < cols, r < n. In tiles of 16 rows, so
-// that each write fills a cache line and the tile's source rows stay in L1.
 template <typename scalar_t>
-static void transpose_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, float* dst, int64_t ld) {
+static FloatRows float_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, float* scratch) {
+  return operand_rows<float>(m, r0, n, cols, scratch);
+}
+
+// Rows [r0, r0 + n) of `m` transposed to T: dst[c * ld + r] for c < cols, r < n. In tiles of 16 rows, so that
+// each write fills a cache line and the tile's source rows stay in L1.
+template <typename scalar_t, typename T>
+static void transpose_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, T* dst, int64_t ld) {
   constexpr int64_t kTile = 16;
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t t1 = std::min(n, t0 + kTile);
     for (int64_t c = 0; c < cols; ++c) {
       const scalar_t* src = m.data + r0 * m.row_stride + c * m.col_stride;
-      for (int64_t r = t0; r < t1; ++r) dst[c * ld + r] = static_cast<float>(src[r * m.row_stride]);
+      for (int64_t r = t0; r < t1; ++r) dst[c * ld + r] = static_cast<T>(static_cast<float>(src[r * m.row_stride]));
     }
   }
 }
 
 // Rows [0, rows) of `m` transposed block by block: block i (rows [i * block, ...)) is a (cols x block) matrix at
 // dst + i * cols * block, the layout of a gemm's left operand for the block's rows.
-template <typename scalar_t>
-static void transpose_blocks(const Matrix<scalar_t>& m, int64_t rows, int64_t cols, int64_t block, float* dst) {
+template <typename scalar_t, typename T>
+static void transpose_blocks(const Matrix<scalar_t>& m, int64_t rows, int64_t cols, int64_t block, T* dst) {
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     transpose_rows(m, r0, std::min(block, rows - r0), cols, dst + r0 * cols, block);
   }
@@ -274,7 +290,9 @@ struct Causal {
 // ---------------------------------------------------------------------------------------------------------------
 // Forward.
 
-template <typename scalar_t>
+// `op_t`: the gemm operands' type, float, or at::BFloat16 for bfloat16 inputs where bfloat16_gemm_available():
+// Q, K and V as they are, and the probabilities P rounded to bfloat16 for P V, as FlashAttention does.
+template <typename scalar_t, typename op_t>
 static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                     const Causal& causal, float scale, const at::Tensor& out, const at::Tensor& lse) {
   const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2), dim = q.size(3);
@@ -284,25 +302,29 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const MaskRows mask_rows(mask);
   float* lse_data = lse.data_ptr<float>();
 
+  constexpr bool kFloatOperands = std::is_same_v<op_t, float>;
   at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: K^T of the current kv head (key block by key block), its V and one query block in
-    // float32 when they are not already, the score block, the output accumulator and the row statistics.
+    // Per-thread scratch: K^T of the current kv head (key block by key block), its V and one query block as op_t
+    // when they are not already, the probabilities as op_t (bfloat16 operands only), the score block, the output
+    // accumulator and the row statistics.
     const int64_t k_t_size = padded(k_blocks * dim * kKeyBlock), v_size = padded(k_len * dim_v);
     const int64_t q_size = padded(kQueryBlock * dim), s_size = kQueryBlock * kKeyBlock;
+    const int64_t p_size = kFloatOperands ? 0 : s_size;
     const int64_t acc_size = padded(kQueryBlock * dim_v), stats_size = padded(kQueryBlock);
-    at::Tensor scratch =
-        at::empty({k_t_size + v_size + q_size + s_size + acc_size + 2 * stats_size + kKeyBlock}, at::kFloat);
-    float* k_t = scratch.data_ptr<float>();
-    float* v_scratch = k_t + k_t_size;
-    float* q_scratch = v_scratch + v_size;
-    float* s = q_scratch + q_size;
+    at::Tensor operands = at::empty({k_t_size + v_size + q_size + p_size}, c10::CppTypeToScalarType<op_t>::value);
+    op_t* k_t = operands.data_ptr<op_t>();
+    op_t* v_scratch = k_t + k_t_size;
+    op_t* q_scratch = v_scratch + v_size;
+    op_t* p_scratch = q_scratch + q_size;
+    at::Tensor scratch = at::empty({s_size + acc_size + 2 * stats_size + kKeyBlock}, at::kFloat);
+    float* s = scratch.data_ptr<float>();
     float* acc = s + s_size;
     float* row_max = acc + acc_size;
     float* row_sum = row_max + stats_size;
     float* bias_scratch = row_sum + stats_size;
 
     int64_t cached_kv = -1;
-    FloatRows v_rows{};
+    Rows<op_t> v_rows{};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / heads, h = bh % heads;
       const int64_t i0 = zigzag(task % q_blocks, q_blocks) * kQueryBlock;
@@ -310,10 +332,10 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t kv = b * kv_heads + h / group;
       if (kv != cached_kv) {  // consecutive tasks share a kv head: lay it out once
         transpose_blocks(head_of<scalar_t>(k, b, h / group), k_len, dim, kKeyBlock, k_t);
-        v_rows = float_rows(head_of<scalar_t>(v, b, h / group), 0, k_len, dim_v, v_scratch);
+        v_rows = operand_rows<op_t>(head_of<scalar_t>(v, b, h / group), 0, k_len, dim_v, v_scratch);
         cached_kv = kv;
       }
-      const FloatRows q_rows = float_rows(head_of<scalar_t>(q, b, h), i0, rows, dim, q_scratch);
+      const Rows<op_t> q_rows = operand_rows<op_t>(head_of<scalar_t>(q, b, h), i0, rows, dim, q_scratch);
       // Keys past the last row's causal limit are hidden from every row of the block: no scores for them.
       const int64_t key_end = causal.enabled ? std::clamp<int64_t>(i0 + rows + causal.shift, 0, k_len) : k_len;
 
@@ -331,7 +353,15 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             for (float* a = acc + r * dim_v; a < acc + (r + 1) * dim_v; ++a) *a *= alpha;
           }
         }
-        gemm(rows, dim_v, n, s, kKeyBlock, v_rows.data + k0 * v_rows.ld, v_rows.ld, acc, dim_v, true);
+        const op_t* p = p_scratch;
+        if constexpr (kFloatOperands) {
+          p = s;
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            at::vec::convert(s + r * kKeyBlock, p_scratch + r * kKeyBlock, n);
+          }
+        }
+        gemm(rows, dim_v, n, p, kKeyBlock, v_rows.data + k0 * v_rows.ld, v_rows.ld, acc, dim_v, true);
       }
 
       scalar_t* out_block = out.data_ptr<scalar_t>() + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2);
@@ -343,6 +373,9 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         for (int64_t d = 0; d < dim_v; ++d) dst[d] = static_cast<scalar_t>(acc[r * dim_v + d] * inv_sum);
         lse_data[bh * q_len + i0 + r] = empty ? kInf : row_max[r] + std::log(row_sum[r]);
       }
+    }
+    if constexpr (!kFloatOperands) {
+      at::native::cpublas::brgemm_release(/*is_vnni=*/false);  // the thread's AMX tile state, if it took any
     }
   });
 }
@@ -516,7 +549,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   at::Tensor lse = at::empty({batch, heads, q_len}, q.options().dtype(at::kFloat));
   const Causal visibility{causal, bottom_right ? k.size(2) - q_len : 0};
   LMRT_DISPATCH_KERNEL_TYPES(q.scalar_type(), "lmrt_attention_fwd", [&] {
-    forward<scalar_t>(q, k, v, mask, visibility, static_cast<float>(scale), out, lse);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (bfloat16_gemm_available()) {
+        forward<scalar_t, at::BFloat16>(q, k, v, mask, visibility, static_cast<float>(scale), out, lse);
+        return;
+      }
+    }
+    forward<scalar_t, float>(q, k, v, mask, visibility, static_cast<float>(scale), out, lse);
   });
   return {out, lse};
 }
