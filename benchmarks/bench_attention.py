@@ -3,10 +3,10 @@
     python -m benchmarks.bench_attention [--quick] [--modes ...] [--dtypes ...] [--seqlens L ...] [--head-dims D ...]
                                          [--no-compile] [--out DIR | --save] [--no-plot]
 
-Grids: sequence length L at a fixed number of tokens per batch (batch = tokens // L) and model width (heads =
-width // d); causal and not. CUDA: d 64 and 128, L 1024, 4096 and 16384 at 16384 tokens and width 2048 (32 heads
-at d=64, 16 at d=128), bfloat16 (--dtypes bfloat16 float16 for both). CPU: d 64, L 256 to 2048 at 2048 tokens and
-width 256, float32. q, k, v and the output gradient are (batch, heads, L, d) tensors of standard normal values;
+Grids: sequence length L at a fixed number of tokens per batch (batch = tokens // L) and model width (heads = width
+// d); causal and not. CUDA: d 64 and 128, L 1024, 4096 and 16384 at 16384 tokens and width 2048 (32 heads at d=64,
+16 at d=128), bfloat16 (--dtypes bfloat16 float16 for both). CPU: d 64, L 256 to 2048 at 2048 tokens and width 256,
+float32 and bfloat16. q, k, v and the output gradient are (batch, heads, L, d) tensors of standard normal values;
 the scale is 1/sqrt(d). How each provider is checked and timed: benchmarks/harness.py.
 
 Providers: lmrt-triton, lmrt-cuda, lmrt-cpp (lmrt.ops.scaled_dot_product_attention under each backend),
@@ -68,7 +68,7 @@ class Grid:
 
 
 QUICK_GRID = Grid(128, 128, (128,), (64,), ("float32",))
-CPU_GRID = Grid(2048, 256, (256, 512, 1024, 2048), (64,), ("float32",))
+CPU_GRID = Grid(2048, 256, (256, 512, 1024, 2048), (64,), ("float32", "bfloat16"))
 CUDA_GRID = Grid(16384, 2048, (1024, 4096, 16384), (64, 128), ("bfloat16",))
 
 
