@@ -90,6 +90,17 @@ bool needs_node(const char* op, const Tensors&... tensors) {
   return torch::autograd::compute_requires_grad(tensors...);
 }
 
+// Frees a node's saved tensors (release_variables: the graph is not kept for another backward).
+template <typename... Saved>
+void reset_data(Saved&... saved) {
+  (saved.reset_data(), ...);
+}
+
+// A saved tensor that may be undefined, as an optional operator argument.
+std::optional<Tensor> optional_tensor(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
 // The gradient a node was given for its output: every node here has one output; an undefined gradient (a hook
 // returned None) makes every input's undefined.
 bool has_grad(const variable_list& grads) {
@@ -123,10 +134,7 @@ struct LayerNormBackward : Node {
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    input.reset_data();
-    weight.reset_data();
-    mean.reset_data();
-    rstd.reset_data();
+    reset_data(input, weight, mean, rstd);
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -139,8 +147,7 @@ struct LayerNormBackward : Node {
     }
     const Tensor x = input.unpack(), w = weight.unpack();
     auto [dx, dw, db] = bwd.call(as_rows(grads[0], col_dims), as_rows(x, col_dims),
-                                 w.defined() ? std::optional<Tensor>(w) : std::nullopt, mean.unpack(), rstd.unpack(),
-                                 mask);
+                                 optional_tensor(w), mean.unpack(), rstd.unpack(), mask);
     return {mask[0] ? with_shape(dx, x.sizes()) : Tensor(), mask[1] ? parameter_grad(dw, w) : Tensor(),
             mask[2] ? with_shape(db.to(bias_dtype), bias_sizes) : Tensor()};
   }
@@ -197,9 +204,7 @@ struct RmsNormBackward : Node {
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    input.reset_data();
-    weight.reset_data();
-    rstd.reset_data();
+    reset_data(input, weight, rstd);
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -211,7 +216,7 @@ struct RmsNormBackward : Node {
     }
     const Tensor x = input.unpack(), w = weight.unpack();
     auto [dx, dw] = bwd.call(as_rows(grads[0], col_dims), as_rows(x, col_dims),
-                             w.defined() ? std::optional<Tensor>(w) : std::nullopt, rstd.unpack(), mask);
+                             optional_tensor(w), rstd.unpack(), mask);
     return {mask[0] ? with_shape(dx, x.sizes()) : Tensor(), mask[1] ? parameter_grad(dw, w) : Tensor()};
   }
 };
@@ -277,7 +282,7 @@ struct SoftmaxBackward : Node {
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    output.reset_data();
+    reset_data(output);
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -336,9 +341,7 @@ struct AttentionBackward : Node {
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* saved : {&q, &k, &v, &out, &lse, &mask}) {
-      saved->reset_data();
-    }
+    reset_data(q, k, v, out, lse, mask);
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -349,10 +352,8 @@ struct AttentionBackward : Node {
     if (!has_grad(grads)) {
       return variable_list(3);
     }
-    const Tensor m = mask.unpack();
     auto [dq, dk, dv] = bwd.call(grads[0], q.unpack(), k.unpack(), v.unpack(), out.unpack(getptr()), lse.unpack(),
-                                 m.defined() ? std::optional<Tensor>(m) : std::nullopt, causal,
-                                 /*bottom_right=*/false, scale);
+                                 optional_tensor(mask.unpack()), causal, /*bottom_right=*/false, scale);
     return {wanted[0] ? dq : Tensor(), wanted[1] ? dk : Tensor(), wanted[2] ? dv : Tensor()};
   }
 };

@@ -171,11 +171,11 @@ static int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Buffer lengths rounded to whole cache lines, so that every buffer carved from one allocation stays 64-byte
-// aligned.
+// Buffer lengths rounded to whole cache lines of the narrowest buffer element (bfloat16), so that every buffer
+// carved from one allocation, of float32 or of bfloat16 operands, stays 64-byte aligned.
 static int64_t padded(int64_t n) {
-  constexpr int64_t kLineFloats = 64 / sizeof(float);
-  return ceil_div(n, kLineFloats) * kLineFloats;
+  constexpr int64_t kLineElements = 64 / sizeof(at::BFloat16);
+  return ceil_div(n, kLineElements) * kLineElements;
 }
 
 // The t-th of n blocks in the order 0, n-1, 1, n-2, ...: consecutive tasks pair cheap and costly causal blocks, so
@@ -200,6 +200,20 @@ struct Matrix {
 template <typename scalar_t>
 static Matrix<scalar_t> head_of(const at::Tensor& t, int64_t b, int64_t h) {
   return {t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// The first `rows` x `n` of a kQueryBlock x kKeyBlock float32 block (P or dS) as a gemm operand of type op_t: the
+// block itself for float operands, else rounded into `scratch`, laid out alike.
+template <typename op_t>
+static const op_t* block_operand(const float* block, int64_t rows, int64_t n, op_t* scratch) {
+  if constexpr (std::is_same_v<op_t, float>) {
+    return block;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      at::vec::convert(block + r * kKeyBlock, scratch + r * kKeyBlock, n);
+    }
+    return scratch;
+  }
 }
 
 // A row-major view for a gemm operand, of float32 or bfloat16.
@@ -350,14 +364,7 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             for (float* a = acc + r * dim_v; a < acc + (r + 1) * dim_v; ++a) *a *= alpha;
           }
         }
-        const op_t* p = p_scratch;
-        if constexpr (kFloatOperands) {
-          p = s;
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            at::vec::convert(s + r * kKeyBlock, p_scratch + r * kKeyBlock, n);
-          }
-        }
+        const op_t* p = block_operand(s, rows, n, p_scratch);
         gemm(rows, dim_v, n, p, kKeyBlock, v_rows.data + k0 * v_rows.ld, v_rows.ld, acc, dim_v, true);
       }
 
@@ -501,17 +508,8 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                                  mask_rows.row(b, h, i, key0, cols, bias_scratch), scale};
               softmax_grad_row(row, dp + r * kKeyBlock, lse_row[i], delta[i]);
             }
-            const op_t* p = p_op;
-            const op_t* ds = ds_op;
-            if constexpr (kFloatOperands) {
-              p = s;
-              ds = dp;
-            } else {
-              for (int64_t r = 0; r < rows; ++r) {
-                at::vec::convert(s + r * kKeyBlock, p_op + r * kKeyBlock, cols);
-                at::vec::convert(dp + r * kKeyBlock, ds_op + r * kKeyBlock, cols);
-              }
-            }
+            const op_t* p = block_operand(s, rows, cols, p_op);
+            const op_t* ds = block_operand(dp, rows, cols, ds_op);
             gemm(dim_v, cols, rows, do_t + i0 * dim_v, kQueryBlock, p, kKeyBlock, dv_t_block, kKeyBlock, true);
             gemm(dim, cols, rows, q_t + i0 * dim, kQueryBlock, ds, kKeyBlock, dk_t_block, kKeyBlock, true);
             gemm(rows, dim, cols, ds, kKeyBlock, k_rows.data + k0 * k_rows.ld, k_rows.ld, dq_acc + i0 * dim, dim,
