@@ -39,6 +39,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -66,29 +67,33 @@ constexpr int64_t kWidth = Vec::size();
 
 // One query row's scores over one key block.
 struct ScoreRow {
-  float* s;           // the row's raw scores q.k on entry, p on return
+  const float* s;     // the row's raw scores q.k
   int64_t n;          // keys in the block
   int64_t visible;    // how many of them, from the first, pass causality
   const float* bias;  // the mask's row (n floats), or null
   float scale;
 };
 
-// x = scale s + bias over the row's keys [j, j + count), count <= kWidth; -inf for keys hidden by causality and
-// for the lanes past count.
+// x = scale s + bias over the row's keys [j, j + kWidth).
+static inline Vec scores(const ScoreRow& row, int64_t j) {
+  const Vec x = Vec::loadu(row.s + j) * Vec(row.scale);
+  return row.bias == nullptr ? x : x + Vec::loadu(row.bias + j);
+}
+
+// x over the row's keys [j, j + count), count <= kWidth, and -inf in the lanes past count.
 static inline Vec scores(const ScoreRow& row, int64_t j, int64_t count) {
   Vec x = Vec::loadu(row.s + j, count) * Vec(row.scale);
   if (row.bias != nullptr) x += Vec::loadu(row.bias + j, count);
-  if (j + kWidth > row.visible) {
-    const Vec key = Vec::arange(static_cast<float>(j), 1.0f);
-    x = Vec::blendv(Vec(-kInf), x, key < Vec(static_cast<float>(row.visible)));
-  }
-  return x;
+  return Vec::set(Vec(-kInf), x, count);
 }
 
+// The largest lane, or NaN if a lane is NaN.
 static inline float max_lane(const Vec& v) {
   float lanes[kWidth];
   v.store(lanes);
-  return *std::max_element(lanes, lanes + kWidth);
+  float max = -kInf;
+  for (float x : lanes) max = std::isnan(x) || std::isnan(max) ? std::numeric_limits<float>::quiet_NaN() : std::max(max, x);
+  return max;
 }
 
 static inline float sum_lanes(const Vec& v) {
@@ -99,57 +104,115 @@ static inline float sum_lanes(const Vec& v) {
   return sum;
 }
 
-// Forward online-softmax step of one query row over one key block: overwrites the row's scores with
-// p = exp(scale s + bias - m) (0 for hidden keys) under the updated running max *m, updates the running sum *l,
-// and returns exp(m_old - m), the factor by which the row's output accumulator must be rescaled.
-static float online_softmax_row(const ScoreRow& row, float* m, float* l) {
-  Vec block_max(-kInf);
-  for (int64_t j = 0; j < row.n; j += kWidth) {
-    block_max = at::vec::maximum(block_max, scores(row, j, std::min(kWidth, row.n - j)));
+// The largest x over the row's visible keys (-inf if none; NaN if any x is NaN). Four running maxima, so that the
+// loop is not bound by the latency of one chain of max operations.
+static float visible_max(const ScoreRow& row) {
+  Vec m0(-kInf), m1(-kInf), m2(-kInf), m3(-kInf);
+  int64_t j = 0;
+  for (; j + 4 * kWidth <= row.visible; j += 4 * kWidth) {
+    m0 = at::vec::maximum(m0, scores(row, j));
+    m1 = at::vec::maximum(m1, scores(row, j + kWidth));
+    m2 = at::vec::maximum(m2, scores(row, j + 2 * kWidth));
+    m3 = at::vec::maximum(m3, scores(row, j + 3 * kWidth));
   }
-  const float m_old = *m;
-  const float m_new = std::max(m_old, max_lane(block_max));
+  for (; j < row.visible; j += kWidth) {
+    m0 = at::vec::maximum(m0, scores(row, j, std::min(kWidth, row.visible - j)));
+  }
+  return max_lane(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+}
+
+// Stores the 2 kWidth floats of (lo, hi), or their first `count`, at dst as out_t.
+template <typename out_t>
+static inline void store_pair(const Vec& lo, const Vec& hi, out_t* dst, int64_t count) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    lo.store(dst, static_cast<int>(std::min(count, kWidth)));
+    if (count > kWidth) hi.store(dst + kWidth, static_cast<int>(count - kWidth));
+  } else {
+    at::vec::convert_from_float<out_t>(lo, hi).store(dst, static_cast<int>(count));
+  }
+}
+
+// p = exp(x - m) over the row's keys, 0 for the hidden ones, stored as out_t to p[0, n) and zeros to p[n, n_pad);
+// returns the sum of p. Two keys' vectors per step, for the bfloat16 store and two running sums.
+template <typename out_t>
+static float exp_row(const ScoreRow& row, float m, out_t* p, int64_t n_pad) {
+  Vec sum0(0.0f), sum1(0.0f);
+  for (int64_t j = 0; j < row.visible; j += 2 * kWidth) {
+    const int64_t count = std::min(2 * kWidth, row.visible - j);
+    const Vec lo = count >= kWidth ? scores(row, j) : scores(row, j, count);
+    const Vec hi = count == 2 * kWidth ? scores(row, j + kWidth)
+                   : count > kWidth    ? scores(row, j + kWidth, count - kWidth)
+                                       : Vec(-kInf);
+    const Vec p_lo = (lo - Vec(m)).exp_u20(), p_hi = (hi - Vec(m)).exp_u20();  // exp(-inf) = 0 past count
+    store_pair(p_lo, p_hi, p + j, count);
+    sum0 += p_lo;
+    sum1 += p_hi;
+  }
+  std::fill(p + row.visible, p + n_pad, out_t(0.0f));
+  return sum_lanes(sum0 + sum1);
+}
+
+// Forward online-softmax step of one query row over one key block: writes p = exp(scale s + bias - m) as out_t to
+// p[0, n) (0 for hidden keys) and zeros to p[n, n_pad), under the updated running max *m; updates the running sum
+// *l; and returns exp(m_old - m), the factor by which the row's output accumulator must be rescaled.
+template <typename out_t>
+static float online_softmax_row(const ScoreRow& row, float* m, float* l, out_t* p, int64_t n_pad) {
+  const float m_old = *m, block_max = visible_max(row);
+  const float m_new = std::isnan(block_max) ? block_max : std::max(m_old, block_max);
   if (m_new == -kInf) {  // no key seen yet: p = 0, and the accumulator (still 0) needs no rescaling
-    std::fill(row.s, row.s + row.n, 0.0f);
+    std::fill(p, p + n_pad, out_t(0.0f));
     return 1.0f;
   }
-  // The scores are recomputed rather than stored by the first pass: a multiply-add is cheaper than a store.
-  Vec sum(0.0f);
-  for (int64_t j = 0; j < row.n; j += kWidth) {
-    const int64_t count = std::min(kWidth, row.n - j);
-    const Vec p = (scores(row, j, count) - Vec(m_new)).exp_u20();
-    p.store(row.s + j, static_cast<int>(count));
-    sum += p;  // the lanes past count hold exp(-inf) = 0
-  }
+  const float sum = exp_row(row, m_new, p, n_pad);
   const float alpha = std::exp(m_old - m_new);
   *m = m_new;
-  *l = *l * alpha + sum_lanes(sum);
+  *l = *l * alpha + sum;
   return alpha;
 }
 
-// Backward step of one query row over one key block: with dp[0, n) = dO.v on entry, overwrites the row's scores
-// with p = exp(scale s + bias - lse) (0 for hidden keys, and for every key when lse = +inf) and dp with
-// dS = p (dp - delta).
-static void softmax_grad_row(const ScoreRow& row, float* dp, float lse, float delta) {
-  for (int64_t j = 0; j < row.n; j += kWidth) {
-    const int64_t count = std::min(kWidth, row.n - j);
-    const Vec p = (scores(row, j, count) - Vec(lse)).exp_u20();
-    const Vec ds = p * (Vec::loadu(dp + j, count) - Vec(delta));
-    p.store(row.s + j, static_cast<int>(count));
+// Backward step of one query row over one key block: with dp[0, n) = dO.v on entry, writes p = exp(scale s + bias -
+// lse) to p[0, n) (0 for hidden keys, and for every key when lse = +inf) and overwrites dp with dS = p (dp - delta).
+static void softmax_grad_row(const ScoreRow& row, float* p, float* dp, float lse, float delta) {
+  for (int64_t j = 0; j < row.visible; j += kWidth) {
+    const int64_t count = std::min(kWidth, row.visible - j);
+    const Vec p_j = (scores(row, j, count) - Vec(lse)).exp_u20();
+    const Vec ds = p_j * (Vec::loadu(dp + j, count) - Vec(delta));
+    p_j.store(p + j, static_cast<int>(count));
     ds.store(dp + j, static_cast<int>(count));
   }
+  std::fill(p + row.visible, p + row.n, 0.0f);
+  std::fill(dp + row.visible, dp + row.n, 0.0f);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Blocks and layouts.
 
-// C (m x n) = A (m x k) B (k x n), plus C when `accumulate`; row-major with leading dims, float32 or bfloat16
-// operands (B not packed) and a float32 C. Through cpublas::brgemm, which libtorch exports (its gemm is not), and
-// which JIT-compiles and caches a oneDNN microkernel per shape: faster than sgemm on these small blocks (measured
-// 165-195 GFLOPS vs 135-175 on one AVX-512 core in float32; 534-686 GFLOPS in bfloat16 on the benchmarks' Xeon).
-template <typename T>
+// How a gemm's right operand B (k x n, depth k) is laid out with leading dimension ld. kRowMajor: element (i, j) at
+// i * ld + j. kVnni, for bfloat16: pairs of depth rows interleaved, [k / 2][ld][2] with the depth padded to even by a
+// zero row, the layout oneDNN's bfloat16 brgemm kernels (AMX, AVX512-BF16) read directly; given B row-major they
+// go to BLAS, which repacks it on every call: measured on the benchmarks' Xeon (AMX), one core, 64 x 512 x 64 (Q K^T)
+// 812 vs 432 GFLOPS and 64 x 64 x 512 (P V) 1676 vs 487.
+enum class Layout { kRowMajor, kVnni };
+
+template <Layout layout>
+static inline int64_t b_offset(int64_t i, int64_t j, int64_t ld) {
+  return layout == Layout::kVnni ? (i / 2) * 2 * ld + 2 * j + i % 2 : i * ld + j;
+}
+
+// The depth of a product whose right operand has this layout: k, or k rounded up to even for kVnni.
+template <Layout layout>
+static inline int64_t product_depth(int64_t k) {
+  return layout == Layout::kVnni ? k + k % 2 : k;
+}
+
+// C (m x n) = A (m x k) B (k x n), plus C when `accumulate`; A row-major, B in `layout`, with leading dims, float32
+// or bfloat16 operands and a float32 C. Through cpublas::brgemm, which libtorch exports (its gemm is not): float32
+// operands, and bfloat16 ones with B in kVnni, run a oneDNN brgemm microkernel, JIT-compiled and cached per shape
+// (float32 measured 165-195 GFLOPS on one AVX-512 core, faster than sgemm on these small blocks).
+template <Layout layout, typename T>
 static void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, float* c,
                  int64_t ldc, bool accumulate) {
+  static_assert(layout == Layout::kRowMajor || std::is_same_v<T, at::BFloat16>, "VNNI operands are bfloat16");
   if (m == 0 || n == 0) return;
   if (k == 0) {  // an empty sum: brgemm does not take k = 0
     if (!accumulate) {
@@ -157,7 +220,7 @@ static void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const
     }
     return;
   }
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, layout == Layout::kVnni);
 }
 
 // Whether bfloat16 inputs multiply in bfloat16: where oneDNN's brgemm has a bfloat16 kernel for this CPU
@@ -202,61 +265,87 @@ static Matrix<scalar_t> head_of(const at::Tensor& t, int64_t b, int64_t h) {
   return {t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// The first `rows` x `n` of a kQueryBlock x kKeyBlock float32 block (P or dS) as a gemm operand of type op_t: the
-// block itself for float operands, else rounded into `scratch`, laid out alike.
+// The first `rows` x `n` of a kQueryBlock x kKeyBlock float32 block (P or dS) as a left gemm operand of type op_t
+// and depth `depth` >= n: the block itself for float operands (depth = n), else rounded into `scratch`, laid out
+// alike, with columns [n, depth) zero.
 template <typename op_t>
-static const op_t* block_operand(const float* block, int64_t rows, int64_t n, op_t* scratch) {
+static const op_t* block_operand(const float* block, int64_t rows, int64_t n, int64_t depth, op_t* scratch) {
   if constexpr (std::is_same_v<op_t, float>) {
     return block;
   } else {
     for (int64_t r = 0; r < rows; ++r) {
       at::vec::convert(block + r * kKeyBlock, scratch + r * kKeyBlock, n);
+      std::fill(scratch + r * kKeyBlock + n, scratch + r * kKeyBlock + depth, op_t(0.0f));
     }
     return scratch;
   }
 }
 
-// A row-major view for a gemm operand, of float32 or bfloat16.
+// A gemm operand's memory and leading dimension, of float32 or bfloat16.
 template <typename T>
 struct Rows {
   const T* data;
   int64_t ld;
 };
 
-// Rows [r0, r0 + n) of `m` (cols wide) as row-major T: the tensor's own memory when it is T with unit column
-// stride and rows that do not overlap, else a converted copy in `scratch` (n x cols).
+// Rows [r0, r0 + n) of `m` (cols wide) as a row-major left operand of type T and depth `depth` >= cols: the
+// tensor's own memory when it is T with unit column stride, rows that do not overlap and depth = cols, else a
+// converted copy in `scratch` (n x depth, columns [cols, depth) zero).
 template <typename T, typename scalar_t>
-static Rows<T> operand_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, T* scratch) {
+static Rows<T> operand_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, int64_t depth,
+                            T* scratch) {
   if constexpr (std::is_same_v<scalar_t, T>) {
-    if (m.col_stride == 1 && m.row_stride >= cols) return {m.data + r0 * m.row_stride, m.row_stride};
+    if (m.col_stride == 1 && m.row_stride >= cols && depth == cols) {
+      return {m.data + r0 * m.row_stride, m.row_stride};
+    }
   }
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* src = m.data + (r0 + r) * m.row_stride;
-    for (int64_t c = 0; c < cols; ++c) scratch[r * cols + c] = static_cast<T>(src[c * m.col_stride]);
+    for (int64_t c = 0; c < cols; ++c) scratch[r * depth + c] = static_cast<T>(src[c * m.col_stride]);
+    std::fill(scratch + r * depth + cols, scratch + (r + 1) * depth, T(0.0f));
   }
-  return {scratch, cols};
+  return {scratch, depth};
 }
 
-// Rows [r0, r0 + n) of `m` transposed to T: dst[c * ld + r] for c < cols, r < n. In tiles of 16 rows, so that
-// each write fills a cache line and the tile's source rows stay in L1.
-template <typename scalar_t, typename T>
+// Rows [0, rows) of `m` (cols wide) as a right operand of depth `rows` in `layout`, leading dimension cols.
+template <Layout layout, typename scalar_t, typename T>
+static void pack_rows(const Matrix<scalar_t>& m, int64_t rows, int64_t cols, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = m.data + r * m.row_stride;
+    for (int64_t c = 0; c < cols; ++c) dst[b_offset<layout>(r, c, cols)] = static_cast<T>(src[c * m.col_stride]);
+  }
+  for (int64_t r = rows; r < product_depth<layout>(rows); ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[b_offset<layout>(r, c, cols)] = T(0.0f);
+  }
+}
+
+// Rows [r0, r0 + n) of `m` transposed to a right operand of depth `cols` in `layout`, leading dimension ld: element
+// (c, r) = m[r0 + r, c]. In tiles of 16 rows, so that each write fills a cache line and the tile's source rows stay
+// in L1.
+template <Layout layout, typename scalar_t, typename T>
 static void transpose_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, T* dst, int64_t ld) {
   constexpr int64_t kTile = 16;
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t t1 = std::min(n, t0 + kTile);
     for (int64_t c = 0; c < cols; ++c) {
       const scalar_t* src = m.data + r0 * m.row_stride + c * m.col_stride;
-      for (int64_t r = t0; r < t1; ++r) dst[c * ld + r] = static_cast<T>(static_cast<float>(src[r * m.row_stride]));
+      for (int64_t r = t0; r < t1; ++r) {
+        dst[b_offset<layout>(c, r, ld)] = static_cast<T>(static_cast<float>(src[r * m.row_stride]));
+      }
     }
+  }
+  for (int64_t c = cols; c < product_depth<layout>(cols); ++c) {
+    for (int64_t r = 0; r < n; ++r) dst[b_offset<layout>(c, r, ld)] = T(0.0f);
   }
 }
 
-// Rows [0, rows) of `m` transposed block by block: block i (rows [i * block, ...)) is a (cols x block) matrix at
-// dst + i * cols * block, the layout of a gemm's left operand for the block's rows.
-template <typename scalar_t, typename T>
+// Rows [0, rows) of `m` transposed block by block: block i (rows [i * block, ...)), at dst + i * block *
+// product_depth(cols), is a (cols x block) right operand in `layout` with leading dimension `block` (row-major, also
+// a left operand).
+template <Layout layout, typename scalar_t, typename T>
 static void transpose_blocks(const Matrix<scalar_t>& m, int64_t rows, int64_t cols, int64_t block, T* dst) {
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
-    transpose_rows(m, r0, std::min(block, rows - r0), cols, dst + r0 * cols, block);
+    transpose_rows<layout>(m, r0, std::min(block, rows - r0), cols, dst + r0 * product_depth<layout>(cols), block);
   }
 }
 
@@ -302,7 +391,8 @@ struct Causal {
 // Forward.
 
 // `op_t`: the gemm operands' type, float, or at::BFloat16 for bfloat16 inputs where bfloat16_gemm_available():
-// Q, K and V as they are, and the probabilities P rounded to bfloat16 for P V, as FlashAttention does.
+// Q, K and V as they are, and the probabilities P rounded to bfloat16 for P V, as FlashAttention does; the right
+// operands, K^T and V, then go in the VNNI layout, packed once per kv head.
 template <typename scalar_t, typename op_t>
 static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                     const Causal& causal, float scale, const at::Tensor& out, const at::Tensor& lse) {
@@ -314,39 +404,53 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   float* lse_data = lse.data_ptr<float>();
 
   constexpr bool kFloatOperands = std::is_same_v<op_t, float>;
+  constexpr Layout kLayout = kFloatOperands ? Layout::kRowMajor : Layout::kVnni;
+  // The products' depths: the head dim for S = Q K^T, the key block's length for P V (both padded to even in VNNI).
+  const int64_t dim_depth = product_depth<kLayout>(dim);
   at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: K^T of the current kv head (key block by key block), its V and one query block as op_t
-    // when they are not already, the probabilities as op_t (bfloat16 operands only), the score block, the output
-    // accumulator and the row statistics.
-    const int64_t k_t_size = padded(k_blocks * dim * kKeyBlock), v_size = padded(k_len * dim_v);
-    const int64_t q_size = padded(kQueryBlock * dim), s_size = kQueryBlock * kKeyBlock;
-    const int64_t p_size = kFloatOperands ? 0 : s_size;
+    // Per-thread scratch: K^T of the current kv head (key block by key block), its V as a right operand and one
+    // query block as a left one when they are not already, the probabilities as op_t (bfloat16 operands only), the
+    // score block, the output accumulator and the row statistics.
+    const int64_t k_t_size = padded(k_blocks * dim_depth * kKeyBlock);
+    const int64_t v_size = padded(product_depth<kLayout>(k_len) * dim_v), q_size = padded(kQueryBlock * dim_depth);
+    const int64_t s_size = kQueryBlock * kKeyBlock, p_size = kFloatOperands ? 0 : s_size;
     const int64_t acc_size = padded(kQueryBlock * dim_v), stats_size = padded(kQueryBlock);
     at::Tensor operands = at::empty({k_t_size + v_size + q_size + p_size}, c10::CppTypeToScalarType<op_t>::value);
     op_t* k_t = operands.data_ptr<op_t>();
     op_t* v_scratch = k_t + k_t_size;
     op_t* q_scratch = v_scratch + v_size;
-    op_t* p_scratch = q_scratch + q_size;
     at::Tensor scratch = at::empty({s_size + acc_size + 2 * stats_size + kKeyBlock}, at::kFloat);
     float* s = scratch.data_ptr<float>();
     float* acc = s + s_size;
     float* row_max = acc + acc_size;
     float* row_sum = row_max + stats_size;
     float* bias_scratch = row_sum + stats_size;
+    op_t* p;  // P as op_t: in place of the scores for float operands, else rounded to bfloat16 in a block of its own
+    if constexpr (kFloatOperands) {
+      p = s;
+    } else {
+      p = q_scratch + q_size;
+    }
 
     int64_t cached_kv = -1;
-    Rows<op_t> v_rows{};
+    Rows<op_t> v_rows{};  // V of the current kv head as a right operand
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / heads, h = bh % heads;
       const int64_t i0 = zigzag(task % q_blocks, q_blocks) * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, q_len - i0);
       const int64_t kv = b * kv_heads + h / group;
       if (kv != cached_kv) {  // consecutive tasks share a kv head: lay it out once
-        transpose_blocks(head_of<scalar_t>(k, b, h / group), k_len, dim, kKeyBlock, k_t);
-        v_rows = operand_rows<op_t>(head_of<scalar_t>(v, b, h / group), 0, k_len, dim_v, v_scratch);
+        transpose_blocks<kLayout>(head_of<scalar_t>(k, b, h / group), k_len, dim, kKeyBlock, k_t);
+        const Matrix<scalar_t> v_head = head_of<scalar_t>(v, b, h / group);
+        if constexpr (kFloatOperands) {
+          v_rows = operand_rows<op_t>(v_head, 0, k_len, dim_v, dim_v, v_scratch);
+        } else {
+          pack_rows<kLayout>(v_head, k_len, dim_v, v_scratch);
+          v_rows = {v_scratch, dim_v};
+        }
         cached_kv = kv;
       }
-      const Rows<op_t> q_rows = operand_rows<op_t>(head_of<scalar_t>(q, b, h), i0, rows, dim, q_scratch);
+      const Rows<op_t> q_rows = operand_rows<op_t>(head_of<scalar_t>(q, b, h), i0, rows, dim, dim_depth, q_scratch);
       // Keys past the last row's causal limit are hidden from every row of the block: no scores for them.
       const int64_t key_end = causal.enabled ? std::clamp<int64_t>(i0 + rows + causal.shift, 0, k_len) : k_len;
 
@@ -354,18 +458,20 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       std::fill(row_max, row_max + rows, -kInf);
       std::fill(row_sum, row_sum + rows, 0.0f);
       for (int64_t k0 = 0; k0 < key_end; k0 += kKeyBlock) {
-        const int64_t n = std::min(kKeyBlock, key_end - k0);
-        gemm(rows, n, dim, q_rows.data, q_rows.ld, k_t + k0 * dim, kKeyBlock, s, kKeyBlock, false);
+        const int64_t n = std::min(kKeyBlock, key_end - k0), n_depth = product_depth<kLayout>(n);
+        gemm<kLayout>(rows, n, dim_depth, q_rows.data, q_rows.ld, k_t + k0 * dim_depth, kKeyBlock, s, kKeyBlock,
+                      false);
         for (int64_t r = 0; r < rows; ++r) {
           const ScoreRow row{s + r * kKeyBlock, n, causal.visible(i0 + r, k0, n),
                              mask_rows.row(b, h, i0 + r, k0, n, bias_scratch), scale};
-          const float alpha = online_softmax_row(row, row_max + r, row_sum + r);
+          const float alpha = online_softmax_row(row, row_max + r, row_sum + r, p + r * kKeyBlock, n_depth);
           if (alpha != 1.0f) {
             for (float* a = acc + r * dim_v; a < acc + (r + 1) * dim_v; ++a) *a *= alpha;
           }
         }
-        const op_t* p = block_operand(s, rows, n, p_scratch);
-        gemm(rows, dim_v, n, p, kKeyBlock, v_rows.data + k0 * v_rows.ld, v_rows.ld, acc, dim_v, true);
+        // V's rows from k0 (an even offset, so whole VNNI pairs) are the right operand's first n_depth rows: past n
+        // they are the next keys' or the zero pad, and P's padding columns are zero.
+        gemm<kLayout>(rows, dim_v, n_depth, p, kKeyBlock, v_rows.data + k0 * v_rows.ld, v_rows.ld, acc, dim_v, true);
       }
 
       scalar_t* out_block = out.data_ptr<scalar_t>() + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2);
@@ -379,7 +485,7 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       }
     }
     if constexpr (!kFloatOperands) {
-      at::native::cpublas::brgemm_release(/*is_vnni=*/false);  // the thread's AMX tile state, if it took any
+      at::native::cpublas::brgemm_release(/*is_vnni=*/true);  // the thread's AMX tile state, if it took any
     }
   });
 }
@@ -460,9 +566,9 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       const int64_t chunk = zigzag(task % chunks, chunks);
       const int64_t c0 = chunk * chunk_len, keys = std::min(chunk_len, k_len - c0);
       const Matrix<scalar_t> k_chunk = head_of<scalar_t>(k, b, kvh).from_row(c0);
-      transpose_blocks(k_chunk, keys, dim, kKeyBlock, k_t);
-      transpose_blocks(head_of<scalar_t>(v, b, kvh).from_row(c0), keys, dim_v, kKeyBlock, v_t);
-      const Rows<op_t> k_rows = operand_rows<op_t>(k_chunk, 0, keys, dim, k_scratch);
+      transpose_blocks<Layout::kRowMajor>(k_chunk, keys, dim, kKeyBlock, k_t);
+      transpose_blocks<Layout::kRowMajor>(head_of<scalar_t>(v, b, kvh).from_row(c0), keys, dim_v, kKeyBlock, v_t);
+      const Rows<op_t> k_rows = operand_rows<op_t>(k_chunk, 0, keys, dim, dim, k_scratch);
       const int64_t padded_keys = ceil_div(keys, kKeyBlock) * kKeyBlock;  // the last block is whole in the layout
       std::fill(dk_t, dk_t + padded_keys * dim, 0.0f);
       std::fill(dv_t, dv_t + padded_keys * dim_v, 0.0f);
@@ -470,10 +576,10 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
         const Matrix<scalar_t> q_head = head_of<scalar_t>(q, b, h), do_head = head_of<scalar_t>(dout, b, h);
         const Matrix<scalar_t> out_head = head_of<scalar_t>(out, b, h);
-        const Rows<op_t> q_rows = operand_rows<op_t>(q_head, 0, q_len, dim, q_scratch);
-        const Rows<op_t> do_rows = operand_rows<op_t>(do_head, 0, q_len, dim_v, do_scratch);
-        transpose_blocks(q_head, q_len, dim, kQueryBlock, q_t);
-        transpose_blocks(do_head, q_len, dim_v, kQueryBlock, do_t);
+        const Rows<op_t> q_rows = operand_rows<op_t>(q_head, 0, q_len, dim, dim, q_scratch);
+        const Rows<op_t> do_rows = operand_rows<op_t>(do_head, 0, q_len, dim_v, dim_v, do_scratch);
+        transpose_blocks<Layout::kRowMajor>(q_head, q_len, dim, kQueryBlock, q_t);
+        transpose_blocks<Layout::kRowMajor>(do_head, q_len, dim_v, kQueryBlock, do_t);
         for (int64_t i = 0; i < q_len; ++i) {
           float sum = 0.0f;
           for (int64_t d = 0; d < dim_v; ++d) {
@@ -499,20 +605,20 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             const int64_t rows = std::min(kQueryBlock, q_len - i0);
             // Keys past the last row's causal limit: hidden from every row of the query block, no scores for them.
             const int64_t cols = causal.visible(i0 + rows - 1, key0, n);
-            gemm(rows, cols, dim, q_rows.data + i0 * q_rows.ld, q_rows.ld, k_t_block, kKeyBlock, s, kKeyBlock, false);
-            gemm(rows, cols, dim_v, do_rows.data + i0 * do_rows.ld, do_rows.ld, v_t_block, kKeyBlock, dp, kKeyBlock,
+            gemm<Layout::kRowMajor>(rows, cols, dim, q_rows.data + i0 * q_rows.ld, q_rows.ld, k_t_block, kKeyBlock, s, kKeyBlock, false);
+            gemm<Layout::kRowMajor>(rows, cols, dim_v, do_rows.data + i0 * do_rows.ld, do_rows.ld, v_t_block, kKeyBlock, dp, kKeyBlock,
                  false);
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t i = i0 + r;
               const ScoreRow row{s + r * kKeyBlock, cols, causal.visible(i, key0, cols),
                                  mask_rows.row(b, h, i, key0, cols, bias_scratch), scale};
-              softmax_grad_row(row, dp + r * kKeyBlock, lse_row[i], delta[i]);
+              softmax_grad_row(row, s + r * kKeyBlock, dp + r * kKeyBlock, lse_row[i], delta[i]);
             }
-            const op_t* p = block_operand(s, rows, cols, p_op);
-            const op_t* ds = block_operand(dp, rows, cols, ds_op);
-            gemm(dim_v, cols, rows, do_t + i0 * dim_v, kQueryBlock, p, kKeyBlock, dv_t_block, kKeyBlock, true);
-            gemm(dim, cols, rows, q_t + i0 * dim, kQueryBlock, ds, kKeyBlock, dk_t_block, kKeyBlock, true);
-            gemm(rows, dim, cols, ds, kKeyBlock, k_rows.data + k0 * k_rows.ld, k_rows.ld, dq_acc + i0 * dim, dim,
+            const op_t* p = block_operand(s, rows, cols, cols, p_op);
+            const op_t* ds = block_operand(dp, rows, cols, cols, ds_op);
+            gemm<Layout::kRowMajor>(dim_v, cols, rows, do_t + i0 * dim_v, kQueryBlock, p, kKeyBlock, dv_t_block, kKeyBlock, true);
+            gemm<Layout::kRowMajor>(dim, cols, rows, q_t + i0 * dim, kQueryBlock, ds, kKeyBlock, dk_t_block, kKeyBlock, true);
+            gemm<Layout::kRowMajor>(rows, dim, cols, ds, kKeyBlock, k_rows.data + k0 * k_rows.ld, k_rows.ld, dq_acc + i0 * dim, dim,
                  true);
           }
         }

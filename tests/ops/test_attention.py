@@ -102,6 +102,18 @@ def test_sdpa_1023_queries_against_1024_keys(causal):
     _check_sdpa("triton", *_qkv(1, 1, 1, 1023, 1024, 64, torch.float16), is_causal=causal)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if "cpp" in str(b)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 70, 1100, 64), (1, 2, 2, 67, 1037, 59)], ids=str)
+def test_sdpa_over_several_cpu_key_blocks(shape, dtype, causal, backend):
+    """The C++ CPU kernel walks keys 512 at a time (the small shapes fit in one block): two whole blocks and an odd
+    tail, queries fewer than keys, so that causality ends inside a block, an odd head dim and a key-padding mask."""
+    _check_sdpa(backend, *_qkv(*shape, dtype), is_causal=causal)
+    q, k, v = _qkv(*shape, dtype)
+    _check_sdpa(backend, q, k, v, attn_mask=torch.arange(shape[4], device=DEVICE) < shape[4] - 300)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
