@@ -11,11 +11,13 @@
 // each thread holds operand copies of one head's rows (transposed where a gemm needs that layout).
 // FLOPs: 4 B H Lq Lk D forward (two gemms per block pair) and 10 B H Lq Lk D backward (five: S, dP, dV, dK, dQ),
 // about half of that causal, whose fully hidden blocks are skipped.
-// Bound: gemm throughput. The block products run in oneDNN's brgemm microkernel (ATen's cpublas::brgemm; without
-// oneDNN, BLAS sgemm); the score passes (scale, mask, max, exp, sum) are SIMD and stay a fraction of it. Operands
-// are float32, or bfloat16 for bfloat16 inputs where the CPU has a bfloat16 brgemm kernel (then P and dS are
-// rounded to bfloat16 for the products they feed, as in FlashAttention): on the benchmarks' Xeon that took the
-// 2x4x1024x64 forward from 8.2 to 4.9 ms and the backward from 17.2 to 10.4 ms.
+// Bound: gemm throughput in float32. The block products run in oneDNN's brgemm microkernel (ATen's
+// cpublas::brgemm; without oneDNN, BLAS sgemm); the score passes (scale, mask, max, exp, sum) are SIMD. Operands are
+// float32, or bfloat16 for bfloat16 inputs where the CPU has a bfloat16 brgemm kernel (then P and dS are rounded to
+// bfloat16 for the products they feed, as in FlashAttention): on the benchmarks' Xeon that took the 2x4x1024x64
+// forward from 8.2 to 4.9 ms, and to 3.7 ms with the forward's right operands in the VNNI layout those kernels read
+// (see Layout), and the backward from 17.2 to 10.4 ms. There, on AMX, the forward's score passes take over twice
+// the products' time: the exp and the rounding of P to bfloat16 bound it.
 //
 // Parallelism. Forward: (batch, head, query block) tasks. Backward: (batch, kv head, key chunk) tasks; a task owns
 // its keys' dK and dV (all query heads of the group and all query rows feed them) and adds its share of dQ into a
@@ -92,7 +94,10 @@ static inline float max_lane(const Vec& v) {
   float lanes[kWidth];
   v.store(lanes);
   float max = -kInf;
-  for (float x : lanes) max = std::isnan(x) || std::isnan(max) ? std::numeric_limits<float>::quiet_NaN() : std::max(max, x);
+  for (float x : lanes) {
+    if (std::isnan(x)) return x;
+    max = std::max(max, x);
+  }
   return max;
 }
 
@@ -265,17 +270,15 @@ static Matrix<scalar_t> head_of(const at::Tensor& t, int64_t b, int64_t h) {
   return {t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// The first `rows` x `n` of a kQueryBlock x kKeyBlock float32 block (P or dS) as a left gemm operand of type op_t
-// and depth `depth` >= n: the block itself for float operands (depth = n), else rounded into `scratch`, laid out
-// alike, with columns [n, depth) zero.
+// The first `rows` x `n` of a kQueryBlock x kKeyBlock float32 block (P or dS) as a gemm operand of type op_t: the
+// block itself for float operands, else rounded into `scratch`, laid out alike.
 template <typename op_t>
-static const op_t* block_operand(const float* block, int64_t rows, int64_t n, int64_t depth, op_t* scratch) {
+static const op_t* block_operand(const float* block, int64_t rows, int64_t n, op_t* scratch) {
   if constexpr (std::is_same_v<op_t, float>) {
     return block;
   } else {
     for (int64_t r = 0; r < rows; ++r) {
       at::vec::convert(block + r * kKeyBlock, scratch + r * kKeyBlock, n);
-      std::fill(scratch + r * kKeyBlock + n, scratch + r * kKeyBlock + depth, op_t(0.0f));
     }
     return scratch;
   }
@@ -531,6 +534,8 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const float* lse_data = lse.const_data_ptr<float>();
 
   constexpr bool kFloatOperands = std::is_same_v<op_t, float>;
+  // The backward's operands are all row-major: bfloat16 ones multiply through BLAS, which repacks them per call.
+  constexpr Layout kRows = Layout::kRowMajor;
   at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch. Key side, for the chunk: K^T and V^T block by block (the right operands of S = Q K^T and
     // dP = dO V^T), K as op_t if it is not already, and dK^T and dV^T accumulated block by block. Query side, for
@@ -566,8 +571,8 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       const int64_t chunk = zigzag(task % chunks, chunks);
       const int64_t c0 = chunk * chunk_len, keys = std::min(chunk_len, k_len - c0);
       const Matrix<scalar_t> k_chunk = head_of<scalar_t>(k, b, kvh).from_row(c0);
-      transpose_blocks<Layout::kRowMajor>(k_chunk, keys, dim, kKeyBlock, k_t);
-      transpose_blocks<Layout::kRowMajor>(head_of<scalar_t>(v, b, kvh).from_row(c0), keys, dim_v, kKeyBlock, v_t);
+      transpose_blocks<kRows>(k_chunk, keys, dim, kKeyBlock, k_t);
+      transpose_blocks<kRows>(head_of<scalar_t>(v, b, kvh).from_row(c0), keys, dim_v, kKeyBlock, v_t);
       const Rows<op_t> k_rows = operand_rows<op_t>(k_chunk, 0, keys, dim, dim, k_scratch);
       const int64_t padded_keys = ceil_div(keys, kKeyBlock) * kKeyBlock;  // the last block is whole in the layout
       std::fill(dk_t, dk_t + padded_keys * dim, 0.0f);
@@ -578,8 +583,8 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         const Matrix<scalar_t> out_head = head_of<scalar_t>(out, b, h);
         const Rows<op_t> q_rows = operand_rows<op_t>(q_head, 0, q_len, dim, dim, q_scratch);
         const Rows<op_t> do_rows = operand_rows<op_t>(do_head, 0, q_len, dim_v, dim_v, do_scratch);
-        transpose_blocks<Layout::kRowMajor>(q_head, q_len, dim, kQueryBlock, q_t);
-        transpose_blocks<Layout::kRowMajor>(do_head, q_len, dim_v, kQueryBlock, do_t);
+        transpose_blocks<kRows>(q_head, q_len, dim, kQueryBlock, q_t);
+        transpose_blocks<kRows>(do_head, q_len, dim_v, kQueryBlock, do_t);
         for (int64_t i = 0; i < q_len; ++i) {
           float sum = 0.0f;
           for (int64_t d = 0; d < dim_v; ++d) {
@@ -605,21 +610,22 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             const int64_t rows = std::min(kQueryBlock, q_len - i0);
             // Keys past the last row's causal limit: hidden from every row of the query block, no scores for them.
             const int64_t cols = causal.visible(i0 + rows - 1, key0, n);
-            gemm<Layout::kRowMajor>(rows, cols, dim, q_rows.data + i0 * q_rows.ld, q_rows.ld, k_t_block, kKeyBlock, s, kKeyBlock, false);
-            gemm<Layout::kRowMajor>(rows, cols, dim_v, do_rows.data + i0 * do_rows.ld, do_rows.ld, v_t_block, kKeyBlock, dp, kKeyBlock,
-                 false);
+            gemm<kRows>(rows, cols, dim, q_rows.data + i0 * q_rows.ld, q_rows.ld, k_t_block, kKeyBlock, s, kKeyBlock,
+                        false);
+            gemm<kRows>(rows, cols, dim_v, do_rows.data + i0 * do_rows.ld, do_rows.ld, v_t_block, kKeyBlock, dp,
+                        kKeyBlock, false);
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t i = i0 + r;
               const ScoreRow row{s + r * kKeyBlock, cols, causal.visible(i, key0, cols),
                                  mask_rows.row(b, h, i, key0, cols, bias_scratch), scale};
               softmax_grad_row(row, s + r * kKeyBlock, dp + r * kKeyBlock, lse_row[i], delta[i]);
             }
-            const op_t* p = block_operand(s, rows, cols, cols, p_op);
-            const op_t* ds = block_operand(dp, rows, cols, cols, ds_op);
-            gemm<Layout::kRowMajor>(dim_v, cols, rows, do_t + i0 * dim_v, kQueryBlock, p, kKeyBlock, dv_t_block, kKeyBlock, true);
-            gemm<Layout::kRowMajor>(dim, cols, rows, q_t + i0 * dim, kQueryBlock, ds, kKeyBlock, dk_t_block, kKeyBlock, true);
-            gemm<Layout::kRowMajor>(rows, dim, cols, ds, kKeyBlock, k_rows.data + k0 * k_rows.ld, k_rows.ld, dq_acc + i0 * dim, dim,
-                 true);
+            const op_t* p = block_operand(s, rows, cols, p_op);
+            const op_t* ds = block_operand(dp, rows, cols, ds_op);
+            gemm<kRows>(dim_v, cols, rows, do_t + i0 * dim_v, kQueryBlock, p, kKeyBlock, dv_t_block, kKeyBlock, true);
+            gemm<kRows>(dim, cols, rows, q_t + i0 * dim, kQueryBlock, ds, kKeyBlock, dk_t_block, kKeyBlock, true);
+            gemm<kRows>(rows, dim, cols, ds, kKeyBlock, k_rows.data + k0 * k_rows.ld, k_rows.ld, dq_acc + i0 * dim,
+                        dim, true);
           }
         }
         if (chunks == 1) {
