@@ -229,7 +229,8 @@ static void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const
 }
 
 // Whether bfloat16 inputs multiply in bfloat16: where oneDNN's brgemm has a bfloat16 kernel for this CPU
-// (AVX512-BF16 or AMX), at three times the float32 throughput; elsewhere they are converted to float32.
+// (AVX512-BF16 or AMX); elsewhere they are converted to float32. On the benchmarks' Xeon (AMX), one core: 360-760
+// GFLOPS with a row-major B, 810-1850 with a VNNI one, against 165-195 in float32.
 static bool bfloat16_gemm_available() {
   static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
   return available;
