@@ -2,11 +2,11 @@
 // without centering and without bias, so one set of kernels serves both through kIsRms.
 //
 // Forward, per row: mean = sum(x) / N (LayerNorm), var = sum((x - mean)^2) / N (biased; RMSNorm: sum(x^2) / N),
-// rstd = rsqrt(var + eps), y = (x - mean) * rstd * w + b. A row that fits in registers is read once, by a team of
-// threads (a few lanes, a warp or a block, row_team.cuh), and the variance is taken over the centered values held
-// in registers: an exact two-pass algorithm without a second read. A wider row is streamed by one block: a mean
-// pass, a pass summing (x - mean) and (x - mean)^2 (the first sum corrects the mean's rounding: the corrected
-// two-pass algorithm), and an output pass.
+// rstd = rsqrt(var + eps), y = (x - mean) * rstd * w + b, by the corrected two-pass algorithm: after the mean pass,
+// one pass sums (x - mean) and (x - mean)^2, and the first sum corrects the mean's rounding (large when |mean| is
+// far above the spread). A row that fits in registers is read once, by a team of threads (a few lanes, a warp or a
+// block, row_team.cuh), which takes both passes over the values it holds; a wider row is streamed by one block: a
+// mean pass, the centered pass and an output pass.
 //
 // Backward, with x_hat = (x - mean) * rstd and g = dy * w:
 //     dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))       (RMSNorm: no mean(g) term)
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kFwdMaxTeam, 1)
                              float* __restrict__ rstd, int64_t rows, int cols, float inv_cols, float eps,
                              int team) {
   constexpr int kRuns = kFwdItems<kWidth> / kWidth;
-  __shared__ float scratch[1][kMaxWarps];
+  __shared__ float scratch[2][kMaxWarps];
   const Runs<kRuns, kWidth, int> runs(0, cols, threadIdx.x % team, team);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / team) + threadIdx.x / team;
   const bool row_exists = row < rows;
@@ -116,21 +116,28 @@ __global__ void __launch_bounds__(kFwdMaxTeam, 1)
     }
     team_reduce(sum, team, scratch, SumOp{});
     row_mean = sum[0] * inv_cols;
-    // Centered in place; runs outside the row stay 0 so that they add nothing to the variance.
+    // Centered in place; runs outside the row stay 0 so that they add nothing to the sums below.
 #pragma unroll
     for (int k = 0; k < kRuns; ++k) {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) v[k][j] = runs.inside(k) ? v[k][j] - row_mean : 0.f;
     }
   }
-  float squares[1] = {0.f};
+  // sums[0] = sum(x - mean), the rounding error of the mean (large when |mean| >> std), sums[1] = sum((x - mean)^2).
+  float sums[2] = {0.f, 0.f};
 #pragma unroll
   for (int k = 0; k < kRuns; ++k) {
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) squares[0] += v[k][j] * v[k][j];
+    for (int j = 0; j < kWidth; ++j) {
+      if constexpr (!kIsRms) sums[0] += v[k][j];
+      sums[1] += v[k][j] * v[k][j];
+    }
   }
-  team_reduce(squares, team, scratch, SumOp{});
-  const float row_rstd = rsqrtf(squares[0] * inv_cols + eps);
+  team_reduce(sums, team, scratch, SumOp{});
+  // The corrected two-pass algorithm, as in the streamed kernel: mean and variance about the corrected mean.
+  const float correction = sums[0] * inv_cols;
+  row_mean += correction;
+  const float row_rstd = rsqrtf(fmaxf(sums[1] * inv_cols - correction * correction, 0.f) + eps);
 
   if (!row_exists) return;
   if (threadIdx.x % team == 0) {
@@ -143,7 +150,7 @@ __global__ void __launch_bounds__(kFwdMaxTeam, 1)
     load_param(weight, runs, k, 1.f, w);
     if constexpr (!kIsRms) load_param(bias, runs, k, 0.f, b);
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) v[k][j] = v[k][j] * row_rstd * w[j] + b[j];
+    for (int j = 0; j < kWidth; ++j) v[k][j] = (v[k][j] - correction) * row_rstd * w[j] + b[j];
   }
   store_runs(y + row * cols, runs, v);
 }
