@@ -3,7 +3,7 @@
 # call (9 minutes on an H100 at the most):
 #   1. install lmrt against the machine's torch, without the network (this builds lmrt._C with its CUDA kernels);
 #   2. versions and `python -m lmrt info`;
-#   3. the test suite on CUDA, in parallel where pytest-xdist is installed;
+#   3. the test suite on CUDA, in parallel where pytest-xdist is installed, and compute-sanitizer's memcheck;
 #   4. the benchmark suite (python -m benchmarks): every op and bench_model (GPT-2 small included), under a budget;
 #   5. docs/BENCHMARKS.md of this run (python -m benchmarks.report);
 #   6. OUT_DIR/gpu_check.tar.gz (results/<device>/ ready to commit under benchmarks/results/, BENCHMARKS.md, logs),
@@ -19,17 +19,19 @@
 #
 # Time budget, in seconds from the start (limits enforced with `timeout`; each step starts whatever came before):
 #   install     <= 150  setup.py compiles the extension's CPU and CUDA sources with ninja (1-2 minutes with nvcc);
-#   tests       until 300 at the latest: pytest -n 16 (the kernels compile across the 16 workers; LMRT_AUTOTUNE=0
-#               there); a run cut short by the limit is reported as such in summary.log;
+#   tests       pytest -n 16 (the kernels compile across the 16 workers; LMRT_AUTOTUNE=0 there): until 240 the
+#               tests only a GPU can check (`-k "cuda or extension_eager"`; those of tests/ops took 105 s on an
+#               H100), then the rest until 300 (a quarter of the whole suite ran in 225 s there); a run cut short is
+#               reported as such in summary.log; then scripts/cuda_memcheck.py under compute-sanitizer (~10 s);
 #   benchmarks  what is left until BENCH_END (500): python -m benchmarks --budget gives each benchmark its share
 #               (benchmarks/suite.py: attention 3, each norm 1, model 3) and each starts no new point of its grid
-#               once its share is spent (its meta's "not_run" says what was left out); a hard limit at 530.
+#               once its share is spent (its meta's "not_run" says what was left out); a hard limit 30 s after.
 #               The default GPU grids are sized for about 4 minutes on an H100: attention 12 points (d 64 and 128,
 #               L 1024, 4096, 16384, causal or not, bfloat16) x 3 modes x 8 providers of ~65 ms of do_bench each
 #               plus 4 compilations and the Triton autotuning; each row-wise op 5 sizes x 3 modes x 5 providers plus
 #               5 compilations; bench_model gpt-tiny and GPT-2 small (batch 8 x 1024), 5 providers each, 3 checked
 #               steps, ~500 ms of timed steps, torch.compile of each and greedy generation of 64 tokens.
-#   report, bundle: a few seconds, before 540.
+#   report, bundle: a few seconds. GPU_CHECK_BENCH_END moves BENCH_END (and with it the hard limit).
 # Exits non-zero if the install, the tests or a benchmark failed (a WRONG provider included); every step runs either
 # way, so that its figures come back.
 set -uo pipefail
@@ -78,17 +80,37 @@ if [ "${gpu:-0}" != 1 ]; then
 elif [ "$tests" = 1 ]; then
   export TRITON_INTERPRET=0
   parallel=$("$python" -c "import xdist" 2>/dev/null && echo "-n 16 -p no:benchmark")
-  limit=$(until_second 300)
-  # shellcheck disable=SC2086  # $parallel is two options or none
-  timeout "$limit" "$python" -m pytest -q -ra $parallel tests >"$work/logs/tests.log" 2>&1
-  rc=$?
-  case $rc in
-    0) ;;
-    124) say "tests: cut short by the ${limit} s limit (logs/tests.log)"; status=1 ;;
-    *) status=1 ;;
-  esac
-  say "tests: exit $rc in $((SECONDS - start)) s; their summary:"
-  grep -E "^(FAILED|ERROR)|passed|failed" "$work/logs/tests.log" | tail -n 40 | tee -a "$summary"
+  # run_tests NAME UNTIL SELECTION: the tests that `pytest -k SELECTION` picks, until second UNTIL of the run.
+  run_tests() {
+    local limit rc
+    limit=$(until_second "$2")
+    # SIGINT, so that pytest still reports the failures it saw before the limit.
+    # shellcheck disable=SC2086  # $parallel is two options or none
+    timeout -s INT -k 20 "$limit" "$python" -m pytest -q -ra $parallel -k "$3" tests >"$work/logs/$1.log" 2>&1
+    rc=$?
+    case $rc in
+      0) ;;
+      124) say "$1: cut short by the ${limit} s limit (logs/$1.log)"; status=1 ;;
+      *) status=1 ;;
+    esac
+    say "$1: exit $rc in $((SECONDS - start)) s; their summary:"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$work/logs/$1.log" | tail -n 40 | tee -a "$summary"
+  }
+  # First what only a GPU can check: the cuda backend's tests, the extension's eager calls and the tests marked
+  # cuda (long sequences, compiled Triton kernels); then the rest, which CI also runs on the CPU, as time allows.
+  gpu_tests="cuda or extension_eager"
+  run_tests tests_gpu 240 "$gpu_tests"
+  run_tests tests_rest 300 "not ($gpu_tests)"
+  # Every CUDA kernel's code paths under compute-sanitizer's memcheck (about 10 s on an H100).
+  if command -v compute-sanitizer >/dev/null; then
+    timeout 60 compute-sanitizer --tool memcheck --error-exitcode 1 "$python" scripts/cuda_memcheck.py \
+      >"$work/logs/memcheck.log" 2>&1
+    rc=$?
+    [ "$rc" = 0 ] || status=1
+    say "memcheck: exit $rc; $(grep -E "ERROR SUMMARY" "$work/logs/memcheck.log" | tail -n 1)"
+  else
+    say "memcheck skipped: compute-sanitizer is not on the PATH"
+  fi
 else
   say "tests skipped (--no-tests)"
 fi
@@ -96,7 +118,8 @@ fi
 results=$work/results/${device:-unknown}
 budget=$(until_second "$BENCH_END")
 say "benchmarks ${bench_args[*]:-(all)} into results/$device with a budget of $budget s"
-timeout "$(until_second 530)" "$python" -m benchmarks --out "$results" --budget "$budget" "${bench_args[@]}" \
+hard_limit=$(until_second $((BENCH_END + 30)))
+timeout "$hard_limit" "$python" -m benchmarks --out "$results" --budget "$budget" "${bench_args[@]}" \
   >"$work/logs/benchmarks.log" 2>&1 || status=1
 grep -E "WRONG|not run|benchmark seconds|Traceback|Error" "$work/logs/benchmarks.log" | grep -v "^[│┃]" \
   | tail -n 40 | tee -a "$summary"
