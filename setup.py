@@ -88,7 +88,9 @@ def _extension_build():
                 # Nothing to install for it: the install steps that copy built extensions skip it.
                 self.extensions = [other for other in self.extensions if other is not ext]
 
-    cxx_flags = ["-O3", "-fopenmp", *_cpu_capability_flags(torch)]
+    # -ffp-contract=off: no multiply-add fused by the compiler behind the code's back (the kernels ask for FMAs
+    # where they want them), so that a vector loop and its scalar tail round alike; as Inductor's CPU code.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", *_cpu_capability_flags(torch)]
     link_flags = ["-fopenmp"]
     if _with_cuda(torch, cpp_extension):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_cuda_arch_list(torch))

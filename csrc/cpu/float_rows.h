@@ -15,34 +15,6 @@ namespace lmrt::cpu {
 
 using FloatVec = at::vec::Vectorized<float>;
 
-// dst[i] = float(src[i]) for a float16 or bfloat16 row, a vector at a time (at::vec::convert has vector forms for
-// float32 to these types only).
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  using ReducedVec = at::vec::Vectorized<T>;
-  constexpr int64_t kWidth = ReducedVec::size();
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) {
-    const auto [low, high] = at::vec::convert_to_float<T>(ReducedVec::loadu(src + i));
-    low.store(dst + i);
-    high.store(dst + i + kWidth / 2);
-  }
-  for (; i < n; ++i) {
-    dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-// A row of `n` elements as float32: `src` itself for float32, else converted into `scratch`.
-template <typename T>
-inline const float* row_as_float(const T* src, int64_t n, float* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    to_float(src, scratch, n);
-    return scratch;
-  }
-}
-
 // Where to compute a float32 row that ends up in `dst`: `dst` itself for float32, else `scratch`.
 template <typename T>
 inline float* float_destination(T* dst, float* scratch) {
@@ -50,14 +22,6 @@ inline float* float_destination(T* dst, float* scratch) {
     return dst;
   } else {
     return scratch;
-  }
-}
-
-// Write the float32 row computed at float_destination(dst, scratch) to `dst`.
-template <typename T>
-inline void store_row(const float* computed, T* dst, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) {
-    at::vec::convert(computed, dst, n);
   }
 }
 
@@ -159,11 +123,10 @@ inline bool second_pass_backward(int64_t bytes) {
   return bytes > kL1Bytes;
 }
 
-// vector_step(i) for each FloatVec-wide step of a row of n elements, and scalar_step(i) for the elements after the
+// vector_step(i) for each kWidth-wide step of a row of n elements, and scalar_step(i) for the elements after the
 // last whole step: in ascending order, or all in descending order when `backward`.
-template <typename VectorStep, typename ScalarStep>
+template <int64_t kWidth, typename VectorStep, typename ScalarStep>
 inline void for_each_column(int64_t n, bool backward, const VectorStep& vector_step, const ScalarStep& scalar_step) {
-  constexpr int64_t kWidth = FloatVec::size();
   const int64_t vector_end = n - n % kWidth;
   if (backward) {
     for (int64_t i = n - 1; i >= vector_end; --i) scalar_step(i);
