@@ -156,7 +156,7 @@ inline std::pair<float, float> bwd_row_sums(const T* x, const T* dy, const float
   for (; i < n; ++i) {
     const float d = static_cast<float>(dy[i]), xv = static_cast<float>(x[i]);
     const float g = weight != nullptr ? d * weight[i] : d;
-    g_xhat += g * (kRms ? xv : xv - mean) * rstd;
+    g_xhat = std::fma(g, (kRms ? xv : xv - mean) * rstd, g_xhat);
     if constexpr (!kRms) {
       g_sum += g;
     }
@@ -213,7 +213,7 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
         const auto scalar_step = [&](int64_t i) {
           const float d = static_cast<float>(dyr[i]);
           const float x_hat = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;
-          if (dw != nullptr) dw[i] += d * x_hat;
+          if (dw != nullptr) dw[i] = std::fma(d, x_hat, dw[i]);
           if (db != nullptr) db[i] += d;
           if (dxr != nullptr) {
             const float g = weight != nullptr ? d * weight[i] : d;
