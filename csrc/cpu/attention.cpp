@@ -236,6 +236,19 @@ static bool bfloat16_gemm_available() {
   return available;
 }
 
+// Calls fn(op_t{}) with the gemm operands' type for inputs of scalar_t: bfloat16 for bfloat16 inputs where
+// bfloat16_gemm_available(), else float.
+template <typename scalar_t, typename Fn>
+static void with_operand_type(const Fn& fn) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (bfloat16_gemm_available()) {
+      fn(at::BFloat16{});
+      return;
+    }
+  }
+  fn(float{});
+}
+
 static int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -677,13 +690,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   at::Tensor lse = at::empty({batch, heads, q_len}, q.options().dtype(at::kFloat));
   const Causal visibility{causal, bottom_right ? k.size(2) - q_len : 0};
   LMRT_DISPATCH_KERNEL_TYPES(q.scalar_type(), "lmrt_attention_fwd", [&] {
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (bfloat16_gemm_available()) {
-        forward<scalar_t, at::BFloat16>(q, k, v, mask, visibility, static_cast<float>(scale), out, lse);
-        return;
-      }
-    }
-    forward<scalar_t, float>(q, k, v, mask, visibility, static_cast<float>(scale), out, lse);
+    with_operand_type<scalar_t>([&](auto operand) {
+      forward<scalar_t, decltype(operand)>(q, k, v, mask, visibility, static_cast<float>(scale), out, lse);
+    });
   });
   return {out, lse};
 }
@@ -703,14 +712,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   }
   const Causal visibility{causal, bottom_right ? k.size(2) - q.size(2) : 0};
   LMRT_DISPATCH_KERNEL_TYPES(q.scalar_type(), "lmrt_attention_bwd", [&] {
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (bfloat16_gemm_available()) {
-        backward<scalar_t, at::BFloat16>(dout, q, k, v, out, lse, mask, visibility, static_cast<float>(scale), dq,
-                                         dk, dv);
-        return;
-      }
-    }
-    backward<scalar_t, float>(dout, q, k, v, out, lse, mask, visibility, static_cast<float>(scale), dq, dk, dv);
+    with_operand_type<scalar_t>([&](auto operand) {
+      backward<scalar_t, decltype(operand)>(dout, q, k, v, out, lse, mask, visibility, static_cast<float>(scale), dq,
+                                            dk, dv);
+    });
   });
   return {dq, dk, dv};
 }

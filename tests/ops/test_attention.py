@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import lmrt
 from lmrt import backends, reference
+from lmrt.ops._dispatch import extension_ops
 from lmrt.ops.attention import draw_seed
 from tests.conftest import BACKENDS, DEVICE, DTYPES, EXTENSION_BACKENDS
 from tests.tolerance import check_against_torch, check_compiled_matches_eager
@@ -68,12 +69,13 @@ def _skip_without_full_attention(backend, feature):
         pytest.skip(f"the {backend} backend has no {feature} (test_extension_backends_refuse_what_they_lack)")
 
 
-# The CUDA kernels' widest head dim (csrc/cuda/attention.cu); wider ones go to another backend.
-CUDA_MAX_HEAD_DIM = 128
+def _backends_among(names):
+    """The BACKENDS parameters (with their skip marks) of the backends in `names`."""
+    return [b for b in BACKENDS if getattr(b, "values", [b])[0] in names]
 
 
 def _check_sdpa(backend, q, k, v, attn_mask=None, **kwargs):
-    if backend == "cuda" and max(q.shape[-1], v.shape[-1]) > CUDA_MAX_HEAD_DIM:
+    if backend == "cuda" and extension_ops().cuda_attention_unsupported(q.shape[-1], v.shape[-1]):
         # Chosen explicitly, the backend refuses with the reason; the default order passes such calls to triton.
         with lmrt.backend(backend), pytest.raises(RuntimeError, match="CUDA attention kernels take head dims"):
             lmrt.ops.scaled_dot_product_attention(q, k, v, attn_mask, enable_gqa=True, **kwargs)
@@ -111,7 +113,7 @@ def test_sdpa_1023_queries_against_1024_keys(causal):
     _check_sdpa("triton", *_qkv(1, 1, 1, 1023, 1024, 64, torch.float16), is_causal=causal)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if "cpp" in str(b)])
+@pytest.mark.parametrize("backend", _backends_among(("cpp",)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2, 1, 70, 1100, 64), (1, 2, 2, 67, 1037, 59)], ids=str)
@@ -124,7 +126,7 @@ def test_sdpa_over_several_cpu_key_blocks(shape, dtype, causal, backend):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", [b])[0] in ("triton", "cuda")])
+@pytest.mark.parametrize("backend", _backends_among(("triton", "cuda")))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
@@ -362,7 +364,7 @@ def test_head_dim_above_the_kernels_falls_back_or_raises(monkeypatch):
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", [b])[0] in EXTENSION_BACKENDS])
+@pytest.mark.parametrize("backend", _backends_among(EXTENSION_BACKENDS))
 def test_extension_backends_refuse_what_they_lack(backend, monkeypatch):
     """Dropout, packed sequences and a float mask's gradient: a clear error when the backend was chosen, the next
     backend (with one warning) by default."""
