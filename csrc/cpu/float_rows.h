@@ -63,20 +63,6 @@ inline void map_floats(const Src* src, Dst* dst, int64_t n, const VecFn& fv, con
   }
 }
 
-// dst[i] = f(x[i], y[i]).
-template <typename Src, typename Dst, typename VecFn, typename ScalarFn>
-inline void map_floats2(const Src* x, const Src* y, Dst* dst, int64_t n, const VecFn& fv, const ScalarFn& fs) {
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    const auto [x0, x1] = load_floats(x + i);
-    const auto [y0, y1] = load_floats(y + i);
-    store_floats(dst + i, fv(x0, y0), fv(x1, y1));
-  }
-  for (; i < n; ++i) {
-    dst[i] = static_cast<Dst>(fs(static_cast<float>(x[i]), static_cast<float>(y[i])));
-  }
-}
-
 // Sum over a row of n of f(x[i]), in float32.
 template <typename T, typename VecFn, typename ScalarFn>
 inline float sum_floats(const T* x, int64_t n, const VecFn& fv, const ScalarFn& fs) {

@@ -4,8 +4,9 @@
 // and scales them by 1/sum; log-softmax writes x - max - log(sum)). The row is read from memory once and re-read
 // from L1/L2, so the kernel moves n*s_in bytes in and n*s_out out and is meant to run at memory bandwidth; the
 // exponentials (Sleef, vectorized) are the compute. float16/bfloat16 elements are converted to float32 in registers
-// as each pass reads them, so a pass re-reads the narrow row from cache rather than a float32 copy. Backward: dx = y * (dy - sum(dy * y)) for softmax and
-// dx = dy - exp(y) * sum(dy) for log-softmax, reading 2n elements and writing n.
+// as each pass reads them, so a pass re-reads the narrow row from cache rather than a float32 copy. Backward: dx = y *
+// (dy - sum(dy * y)) for softmax and dx = dy - exp(y) * sum(dy) for log-softmax, reading 2n elements (n for
+// log-softmax's sum) and writing n, the sum of each row formed while the previous row's dx is written.
 #include "softmax.h"
 
 #include <algorithm>
@@ -69,26 +70,76 @@ void softmax_fwd_rows(const In* x, int64_t x_row_stride, Out* y, int64_t rows, i
   });
 }
 
+inline FloatVec exp_of(const FloatVec& v) { return v.exp(); }
+inline float exp_of(float v) { return std::exp(v); }
+
+// Backward over rows [begin, end): dx = y * (dy - sum(dy * y)) for softmax, dx = dy - exp(y) * sum(dy) for
+// log-softmax. A row's sum needs the whole row before its first dx, so each row is read twice; rather than in two
+// passes per row, one loop per row writes the row's dx while it forms the next row's sum. Memory then streams the
+// next row in while the current one is re-read from cache, where a separate second pass would leave it idle once
+// the rows outgrow L1: 1024 x 8192 float32 2.82 -> 2.45 ms (ATen 2.8-2.9 ms), 1024 x 768 unchanged. Every row's
+// sum is accumulated in the same order as the first row's (sum_floats2), so dx does not depend on the task split.
+template <bool kLog, typename Out, typename In>
+void softmax_bwd_task(const Out* dy, int64_t dy_row_stride, const Out* y, int64_t y_row_stride, In* dx, int64_t begin,
+                      int64_t end, int64_t cols) {
+  // The terms of a row's sum (log-softmax's reads no y), and dx from a row's elements and sum.
+  const auto term = [](auto g, auto v) {
+    if constexpr (kLog) {
+      return g;
+    } else {
+      return g * v;
+    }
+  };
+  const auto grad = [](auto g, auto v, auto total) {
+    if constexpr (kLog) {
+      return g - exp_of(v) * total;
+    } else {
+      return v * (g - total);
+    }
+  };
+  float total = sum_floats2(dy + begin * dy_row_stride, y + begin * y_row_stride, cols, term, term);
+  for (int64_t r = begin; r < end; ++r) {
+    const Out* dyr = dy + r * dy_row_stride;
+    const Out* yr = y + r * y_row_stride;
+    In* dxr = dx + r * cols;
+    // The last row of the task sums itself again, from cache, for nobody: one loop serves every row.
+    const int64_t next = std::min(r + 1, end - 1);
+    const Out* next_dyr = dy + next * dy_row_stride;
+    const Out* next_yr = y + next * y_row_stride;
+    const FloatVec total_v(total);
+    FloatVec acc0(0.f), acc1(0.f);
+    int64_t i = 0;
+    for (; i + kStep <= cols; i += kStep) {
+      const auto [g0, g1] = load_floats(dyr + i);
+      const auto [v0, v1] = load_floats(yr + i);
+      store_floats(dxr + i, grad(g0, v0, total_v), grad(g1, v1, total_v));
+      const auto [next_g0, next_g1] = load_floats(next_dyr + i);
+      if constexpr (kLog) {
+        acc0 += next_g0;
+        acc1 += next_g1;
+      } else {
+        const auto [next_v0, next_v1] = load_floats(next_yr + i);
+        acc0 += term(next_g0, next_v0);
+        acc1 += term(next_g1, next_v1);
+      }
+    }
+    float next_total = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return a + b; }, acc0 + acc1);
+    for (; i < cols; ++i) {
+      dxr[i] = static_cast<In>(grad(static_cast<float>(dyr[i]), static_cast<float>(yr[i]), total));
+      next_total += term(static_cast<float>(next_dyr[i]), static_cast<float>(next_yr[i]));
+    }
+    total = next_total;
+  }
+}
+
 template <typename Out, typename In>
 void softmax_bwd_rows(const Out* dy, int64_t dy_row_stride, const Out* y, int64_t y_row_stride, In* dx, int64_t rows,
                       int64_t cols, bool log) {
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const Out* dyr = dy + r * dy_row_stride;
-      const Out* yr = y + r * y_row_stride;
-      In* dxr = dx + r * cols;
-      if (log) {
-        const float total = sum_floats(dyr, cols, [](FloatVec g) { return g; }, [](float g) { return g; });
-        const FloatVec total_v(total);
-        map_floats2(dyr, yr, dxr, cols, [&](FloatVec g, FloatVec v) { return g - v.exp() * total_v; },
-                    [&](float g, float v) { return g - std::exp(v) * total; });
-      } else {
-        const float total = sum_floats2(dyr, yr, cols, [](FloatVec g, FloatVec v) { return g * v; },
-                                        [](float g, float v) { return g * v; });
-        const FloatVec total_v(total);
-        map_floats2(dyr, yr, dxr, cols, [&](FloatVec g, FloatVec v) { return v * (g - total_v); },
-                    [&](float g, float v) { return v * (g - total); });
-      }
+    if (log) {
+      softmax_bwd_task<true>(dy, dy_row_stride, y, y_row_stride, dx, begin, end, cols);
+    } else {
+      softmax_bwd_task<false>(dy, dy_row_stride, y, y_row_stride, dx, begin, end, cols);
     }
   });
 }
