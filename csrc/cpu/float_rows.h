@@ -98,31 +98,6 @@ inline float sum_floats2(const T* x, const T* y, int64_t n, const VecFn& fv, con
   return total;
 }
 
-// Whether a row pass that follows one over `bytes` of row data should run from the row's end back. A pass over
-// more than L1 holds (32 KiB, the smallest L1 data cache of current x86 cores; 48 KiB on the benchmarks' Xeon)
-// leaves the row's end in L1 and its start evicted, so a second pass in the same direction finds each line gone
-// just before it needs it, while one from the end back finds the most recent lines first: 7% off the LayerNorm
-// backward of 1024 x 8192 float32 rows (4040 -> 3765 us). On rows that fit, the direction is kept: turning back
-// there cost 20% (1024 x 768), since the hardware prefetcher follows one direction across rows.
-inline bool second_pass_backward(int64_t bytes) {
-  constexpr int64_t kL1Bytes = 32 * 1024;
-  return bytes > kL1Bytes;
-}
-
-// vector_step(i) for each kWidth-wide step of a row of n elements, and scalar_step(i) for the elements after the
-// last whole step: in ascending order, or all in descending order when `backward`.
-template <int64_t kWidth, typename VectorStep, typename ScalarStep>
-inline void for_each_column(int64_t n, bool backward, const VectorStep& vector_step, const ScalarStep& scalar_step) {
-  const int64_t vector_end = n - n % kWidth;
-  if (backward) {
-    for (int64_t i = n - 1; i >= vector_end; --i) scalar_step(i);
-    for (int64_t i = vector_end - kWidth; i >= 0; i -= kWidth) vector_step(i);
-  } else {
-    for (int64_t i = 0; i < vector_end; i += kWidth) vector_step(i);
-    for (int64_t i = vector_end; i < n; ++i) scalar_step(i);
-  }
-}
-
 // Rows per parallel task, so that a task touches at least ~32K elements (parallel overhead stays small).
 inline int64_t rows_per_task(int64_t cols) {
   constexpr int64_t kElementsPerTask = 32768;
