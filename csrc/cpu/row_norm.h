@@ -28,91 +28,135 @@
 
 namespace lmrt::cpu {
 
-// y = (x - mean) * rstd * weight + bias for one row (LayerNorm), or x * rstd * weight (RMSNorm), in float32
-// whatever T is. `weight` and `bias` may be null.
+// The moments of a row for the forward, accumulated a step (kStep elements) or a tail element at a time: the sums
+// of (x - shift) and (x - shift)^2 for LayerNorm, of x^2 for RMSNorm (whose shift is 0). float16 and bfloat16 rows
+// are converted in registers as they are read, the two halves of a step into two vector accumulators.
 template <bool kRms, typename T>
-inline void normalize_row(const T* x, float mean, float rstd, const float* weight, const float* bias, T* y, int64_t n) {
-  constexpr int64_t kWidth = FloatVec::size();
-  const FloatVec mean_v(mean), rstd_v(rstd);
-  const auto normalize = [&](FloatVec v, int64_t i) {
-    v = (kRms ? v : v - mean_v) * rstd_v;
-    if (weight != nullptr) v = v * FloatVec::loadu(weight + i);
-    if (bias != nullptr) v = v + FloatVec::loadu(bias + i);
-    return v;
-  };
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    const auto [a, b] = load_floats(x + i);
-    store_floats(y + i, normalize(a, i), normalize(b, i + kWidth));
-  }
-  for (; i < n; ++i) {
-    const float v = (kRms ? static_cast<float>(x[i]) : static_cast<float>(x[i]) - mean) * rstd;
-    y[i] = static_cast<T>((weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f));
-  }
-}
+class MomentSums {
+ public:
+  MomentSums(const T* x, float shift) : x_(x), shift_(shift), shift_v_(shift) {}
 
-// The sums of (x - shift) and (x - shift)^2 over a row of n, in one pass.
-template <typename T>
-inline std::pair<float, float> shifted_moment_sums(const T* x, float shift, int64_t n) {
-  const FloatVec shift_v(shift);
-  FloatVec sum0(0.f), sum1(0.f), square0(0.f), square1(0.f);
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    const auto [a, b] = load_floats(x + i);
-    const FloatVec da = a - shift_v, db = b - shift_v;
-    sum0 += da;
-    sum1 += db;
-    square0 = at::vec::fmadd(da, da, square0);
-    square1 = at::vec::fmadd(db, db, square1);
+  void add_step(int64_t i) {
+    const auto [a, b] = load_floats(x_ + i);
+    add_vector(a, sum_[0], square_[0]);
+    add_vector(b, sum_[1], square_[1]);
   }
-  const auto add = [](FloatVec a, FloatVec b) { return a + b; };
-  float sum = at::vec::vec_reduce_all<float>(add, sum0 + sum1);
-  float square = at::vec::vec_reduce_all<float>(add, square0 + square1);
-  for (; i < n; ++i) {
-    const float d = static_cast<float>(x[i]) - shift;
-    sum += d;
-    square += d * d;
+
+  void add_element(int64_t i) {
+    const float d = static_cast<float>(x_[i]) - shift_;
+    sum_tail_ += d;
+    square_tail_ = std::fma(d, d, square_tail_);
   }
-  return {sum, square};
-}
+
+  // The whole row of n, in one pass.
+  void add_row(int64_t n) {
+    int64_t i = 0;
+    for (; i + kStep <= n; i += kStep) add_step(i);
+    for (; i < n; ++i) add_element(i);
+  }
+
+  float shift() const { return shift_; }
+
+  // {sum(x - shift), sum((x - shift)^2)} (the first is 0 for RMSNorm).
+  std::pair<float, float> totals() const {
+    const auto add = [](FloatVec a, FloatVec b) { return a + b; };
+    const float sum = kRms ? 0.f : at::vec::vec_reduce_all<float>(add, sum_[0] + sum_[1]) + sum_tail_;
+    return {sum, at::vec::vec_reduce_all<float>(add, square_[0] + square_[1]) + square_tail_};
+  }
+
+ private:
+  void add_vector(FloatVec v, FloatVec& sum, FloatVec& square) const {
+    const FloatVec d = kRms ? v : v - shift_v_;
+    if constexpr (!kRms) {
+      sum += d;
+    }
+    square = at::vec::fmadd(d, d, square);
+  }
+
+  const T* x_;
+  float shift_;
+  FloatVec shift_v_;
+  FloatVec sum_[2] = {FloatVec(0.f), FloatVec(0.f)};
+  FloatVec square_[2] = {FloatVec(0.f), FloatVec(0.f)};
+  float sum_tail_ = 0.f, square_tail_ = 0.f;
+};
 
 // How many of a row's first elements estimate its mean for the shifted moments of the LayerNorm forward.
 constexpr int64_t kShiftEstimateElements = 4 * kStep;
 
+// The moment sums of a row, not yet accumulated: LayerNorm's shifted by the mean of the row's first elements.
+template <bool kRms, typename T>
+MomentSums<kRms, T> start_moments(const T* x, int64_t n) {
+  if constexpr (kRms) {
+    return MomentSums<kRms, T>(x, 0.f);
+  } else {
+    const int64_t head = std::min<int64_t>(n, kShiftEstimateElements);
+    return MomentSums<kRms, T>(x, sum_floats(x, head, [](FloatVec v) { return v; }, [](float v) { return v; }) / head);
+  }
+}
+
+// {mean, variance} of a row of n from its accumulated moment sums. The shifted sums' rounding error grows with the
+// shift's distance from the row's mean: when that is more than a standard deviation (the first elements are not
+// like the rest), a second pass shifts by the mean found, which makes the residual small and the variance
+// accurate.
+template <bool kRms, typename T>
+std::pair<float, float> row_moments(const MomentSums<kRms, T>& moments, const T* x, int64_t n) {
+  const float inv_n = 1.f / static_cast<float>(n);
+  auto [residual_sum, square_sum] = moments.totals();
+  float residual = residual_sum * inv_n;
+  float var = std::max(square_sum * inv_n - residual * residual, 0.f);
+  if (kRms || residual * residual <= var) {
+    return {moments.shift() + residual, var};
+  }
+  MomentSums<kRms, T> again(x, moments.shift() + residual);
+  again.add_row(n);
+  std::tie(residual_sum, square_sum) = again.totals();
+  residual = residual_sum * inv_n;
+  return {again.shift() + residual, std::max(square_sum * inv_n - residual * residual, 0.f)};
+}
+
+// Forward. Each row is read twice, for its moments, then for y; a row's moments are accumulated in the loop that
+// writes the previous row's y, so that memory streams the next row in while the current one is re-read from
+// cache (as the backward does, see norm_bwd): 1024 x 8192 float32 LayerNorm 1.60 -> 1.34 ms (ATen 1.71), RMSNorm
+// 1.41 -> 1.23 ms, 4096 float32 LayerNorm 0.77 -> 0.63 ms (ATen 0.77).
 template <bool kRms, typename T>
 void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float* bias, T* y, float* mean,
               float* rstd, int64_t rows, int64_t cols, float eps) {
+  constexpr int64_t kWidth = FloatVec::size();
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+    auto moments = start_moments<kRms>(x + begin * x_row_stride, cols);
+    moments.add_row(cols);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * x_row_stride;
-      const float inv_n = 1.f / static_cast<float>(cols);
-      float mu = 0.f, var = 0.f;
-      if constexpr (kRms) {
-        var = sum_floats(xr, cols, [](FloatVec v) { return v * v; }, [](float v) { return v * v; }) * inv_n;
-      } else {
-        // The moments of the row shifted by the mean of its first elements, in one pass. Their rounding error
-        // grows with the shift's distance from the row's mean: when that is more than a standard deviation (the
-        // first elements are not like the rest), a second pass shifts by the mean found, which makes the residual
-        // small and the variance accurate.
-        const int64_t head = std::min<int64_t>(cols, kShiftEstimateElements);
-        float shift = sum_floats(xr, head, [](FloatVec v) { return v; }, [](float v) { return v; }) / head;
-        for (int pass = 0; pass < 2; ++pass) {
-          const auto [residual_sum, square_sum] = shifted_moment_sums(xr, shift, cols);
-          const float residual = residual_sum * inv_n;
-          mu = shift + residual;
-          var = std::max(square_sum * inv_n - residual * residual, 0.f);
-          if (residual * residual <= var) {
-            break;
-          }
-          shift = mu;
-        }
-      }
+      const auto [mu, var] = row_moments(moments, xr, cols);
       const float rs = 1.f / std::sqrt(var + eps);
       if constexpr (!kRms) {
         mean[r] = mu;
       }
       rstd[r] = rs;
-      normalize_row<kRms>(xr, mu, rs, weight, bias, y + r * cols, cols);
+      // The last row of the task sums itself again, from cache, for nobody: one loop serves every row.
+      moments = start_moments<kRms>(x + std::min(r + 1, end - 1) * x_row_stride, cols);
+      // y = (x - mean) * rstd * weight + bias (LayerNorm), or x * rstd * weight (RMSNorm), in float32 whatever T
+      // is; `weight` and `bias` may be null.
+      T* yr = y + r * cols;
+      const FloatVec mean_v(mu), rstd_v(rs);
+      const auto normalize = [&](FloatVec v, int64_t i) {
+        v = (kRms ? v : v - mean_v) * rstd_v;
+        if (weight != nullptr) v = v * FloatVec::loadu(weight + i);
+        if (bias != nullptr) v = v + FloatVec::loadu(bias + i);
+        return v;
+      };
+      int64_t i = 0;
+      for (; i + kStep <= cols; i += kStep) {
+        const auto [a, b] = load_floats(xr + i);
+        store_floats(yr + i, normalize(a, i), normalize(b, i + kWidth));
+        moments.add_step(i);
+      }
+      for (; i < cols; ++i) {
+        const float v = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;
+        yr[i] = static_cast<T>((weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f));
+        moments.add_element(i);
+      }
     }
   });
 }
