@@ -50,19 +50,6 @@ inline void store_floats(T* dst, const FloatVec& a, const FloatVec& b) {
   }
 }
 
-// dst[i] = f(src[i]) over a row of n, computed in float32 whatever the two types (vector form `fv`, scalar `fs`).
-template <typename Src, typename Dst, typename VecFn, typename ScalarFn>
-inline void map_floats(const Src* src, Dst* dst, int64_t n, const VecFn& fv, const ScalarFn& fs) {
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    const auto [a, b] = load_floats(src + i);
-    store_floats(dst + i, fv(a), fv(b));
-  }
-  for (; i < n; ++i) {
-    dst[i] = static_cast<Dst>(fs(static_cast<float>(src[i])));
-  }
-}
-
 // Sum over a row of n of f(x[i]), in float32.
 template <typename T, typename VecFn, typename ScalarFn>
 inline float sum_floats(const T* x, int64_t n, const VecFn& fv, const ScalarFn& fs) {

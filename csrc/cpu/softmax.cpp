@@ -23,49 +23,114 @@ namespace lmrt::cpu {
 
 namespace {
 
-// The largest of a row's n elements, NaN if any is NaN.
+// The largest of a row's elements, NaN if any is NaN, taken a step (kStep elements) or a tail element at a time.
 template <typename T>
-float row_max(const T* x, int64_t n) {
-  FloatVec max0(-std::numeric_limits<float>::infinity()), max1 = max0;
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    const auto [a, b] = load_floats(x + i);
-    max0 = at::vec::maximum(max0, a);
-    max1 = at::vec::maximum(max1, b);
+class RowMax {
+ public:
+  explicit RowMax(const T* x) : x_(x) {}
+
+  void add_step(int64_t i) {
+    const auto [a, b] = load_floats(x_ + i);
+    max_[0] = at::vec::maximum(max_[0], a);
+    max_[1] = at::vec::maximum(max_[1], b);
   }
-  float max = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return at::vec::maximum(a, b); },
-                                             at::vec::maximum(max0, max1));
-  for (; i < n; ++i) {
-    const float v = static_cast<float>(x[i]);
-    max = std::isnan(v) || v > max ? v : max;
+
+  void add_element(int64_t i) {
+    const float v = static_cast<float>(x_[i]);
+    tail_ = std::isnan(v) || v > tail_ ? v : tail_;
   }
-  return max;
+
+  // The whole row of n, in one pass.
+  void add_row(int64_t n) {
+    int64_t i = 0;
+    for (; i + kStep <= n; i += kStep) add_step(i);
+    for (; i < n; ++i) add_element(i);
+  }
+
+  float total() const {
+    const float max = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return at::vec::maximum(a, b); },
+                                                     at::vec::maximum(max_[0], max_[1]));
+    return std::isnan(tail_) || tail_ > max ? tail_ : max;
+  }
+
+ private:
+  const T* x_;
+  FloatVec max_[2] = {FloatVec(-std::numeric_limits<float>::infinity()),
+                      FloatVec(-std::numeric_limits<float>::infinity())};
+  float tail_ = -std::numeric_limits<float>::infinity();
+};
+
+// Forward over rows [begin, end). Three passes per row: the maximum; the exponentials and their sum; the output.
+// The first reads the row from memory, the others from cache; the next row's maximum is taken in the loop that
+// writes this row's output, so that memory streams the next row in meanwhile (as the backward does below):
+// 1024 x 8192 float32 softmax 2.24 -> 1.93 ms (ATen 2.6), log-softmax 2.81 -> 2.15 ms (ATen 2.9-3.3).
+template <bool kLog, typename In, typename Out>
+void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, int64_t end, int64_t cols) {
+  // softmax's exp(x - max) in float32 between its last two passes: the output row itself for float32 output.
+  std::vector<float> exps_scratch(kLog || std::is_same_v<Out, float> ? 0 : cols);
+  RowMax<In> first(x + begin * x_row_stride);
+  first.add_row(cols);
+  float max = first.total();
+  for (int64_t r = begin; r < end; ++r) {
+    const In* xr = x + r * x_row_stride;
+    Out* yr = y + r * cols;
+    const FloatVec max_v(max);
+    const auto exp_shifted = [&](FloatVec v) { return (v - max_v).exp_u20(); };
+    float* exps = float_destination(yr, exps_scratch.data());
+    float sum = 0.f;
+    if constexpr (kLog) {
+      sum = sum_floats(xr, cols, exp_shifted, [&](float v) { return std::exp(v - max); });
+    } else {
+      FloatVec sum0(0.f), sum1(0.f);
+      int64_t i = 0;
+      for (; i + kStep <= cols; i += kStep) {
+        const auto [a, b] = load_floats(xr + i);
+        const FloatVec e0 = exp_shifted(a), e1 = exp_shifted(b);
+        store_floats(exps + i, e0, e1);
+        sum0 += e0;
+        sum1 += e1;
+      }
+      sum = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return a + b; }, sum0 + sum1);
+      for (; i < cols; ++i) {
+        exps[i] = std::exp(static_cast<float>(xr[i]) - max);
+        sum += exps[i];
+      }
+    }
+    // y = x - (max + log(sum)) for log-softmax, exps / sum for softmax.
+    const float shift = max + std::log(sum), inv_sum = 1.f / sum;
+    const FloatVec shift_v(shift), inv_sum_v(inv_sum);
+    // The last row of the task takes its own maximum again, from cache, for nobody: one loop serves every row.
+    RowMax<In> next(x + std::min(r + 1, end - 1) * x_row_stride);
+    int64_t i = 0;
+    for (; i + kStep <= cols; i += kStep) {
+      if constexpr (kLog) {
+        const auto [a, b] = load_floats(xr + i);
+        store_floats(yr + i, a - shift_v, b - shift_v);
+      } else {
+        store_floats(yr + i, FloatVec::loadu(exps + i) * inv_sum_v,
+                     FloatVec::loadu(exps + i + FloatVec::size()) * inv_sum_v);
+      }
+      next.add_step(i);
+    }
+    for (; i < cols; ++i) {
+      if constexpr (kLog) {
+        yr[i] = static_cast<Out>(static_cast<float>(xr[i]) - shift);
+      } else {
+        yr[i] = static_cast<Out>(exps[i] * inv_sum);
+      }
+      next.add_element(i);
+    }
+    max = next.total();
+  }
 }
 
 template <typename In, typename Out>
 void softmax_fwd_rows(const In* x, int64_t x_row_stride, Out* y, int64_t rows, int64_t cols, bool log) {
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    // softmax's exp(x - max) in float32 between its last two passes: the output row itself for float32 output.
-    std::vector<float> exps_scratch(log || std::is_same_v<Out, float> ? 0 : cols);
-    for (int64_t r = begin; r < end; ++r) {
-      const In* xr = x + r * x_row_stride;
-      Out* yr = y + r * cols;
-      const float max = row_max(xr, cols);
-      const FloatVec max_v(max);
-      const auto exp_shifted = [&](FloatVec v) { return (v - max_v).exp_u20(); };
-      if (log) {
-        const float sum = sum_floats(xr, cols, exp_shifted, [&](float v) { return std::exp(v - max); });
-        const float shift = max + std::log(sum);
-        const FloatVec shift_v(shift);
-        map_floats(xr, yr, cols, [&](FloatVec v) { return v - shift_v; }, [&](float v) { return v - shift; });
-      } else {
-        float* exps = float_destination(yr, exps_scratch.data());
-        map_floats(xr, exps, cols, exp_shifted, [&](float v) { return std::exp(v - max); });
-        const float inv_sum = 1.f / sum_floats(exps, cols, [](FloatVec e) { return e; }, [](float e) { return e; });
-        const FloatVec inv_sum_v(inv_sum);
-        map_floats(static_cast<const float*>(exps), yr, cols, [&](FloatVec v) { return v * inv_sum_v; },
-                   [&](float v) { return v * inv_sum; });
-      }
+    if (log) {
+      softmax_fwd_task<true>(x, x_row_stride, y, begin, end, cols);
+    } else {
+      softmax_fwd_task<false>(x, x_row_stride, y, begin, end, cols);
     }
   });
 }
