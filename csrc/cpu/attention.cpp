@@ -15,9 +15,10 @@
 // cpublas::brgemm; without oneDNN, BLAS sgemm); the score passes (scale, mask, max, exp, sum) are SIMD. Operands are
 // float32, or bfloat16 for bfloat16 inputs where the CPU has a bfloat16 brgemm kernel (then P and dS are rounded to
 // bfloat16 for the products they feed, as in FlashAttention): on the benchmarks' Xeon that took the 2x4x1024x64
-// forward from 8.2 to 4.9 ms, and to 3.7 ms with the forward's right operands in the VNNI layout those kernels read
-// (see Layout), and the backward from 17.2 to 10.4 ms. There, on AMX, the forward's score passes take over twice
-// the products' time: the exp and the rounding of P to bfloat16 bound it.
+// forward from 8.2 to 4.9 ms, and to 3.7 ms with the right operands in the VNNI layout those kernels read (see
+// Layout), and the backward from 17.2 to 10.4 ms, and to 8.0 ms with VNNI operands (P and dS interleaved by row
+// pairs as they are rounded). There, on AMX, the forward's score passes take over twice the products' time: the exp
+// and the rounding of P to bfloat16 bound it.
 //
 // Parallelism. Forward: (batch, head, query block) tasks. Backward: (batch, kv head, key chunk) tasks; a task owns
 // its keys' dK and dV (all query heads of the group and all query rows feed them) and adds its share of dQ into a
@@ -284,15 +285,42 @@ static Matrix<scalar_t> head_of(const at::Tensor& t, int64_t b, int64_t h) {
   return {t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// The first `rows` x `n` of a kQueryBlock x kKeyBlock float32 block (P or dS) as a gemm operand of type op_t: the
-// block itself for float operands, else rounded into `scratch`, laid out alike.
-template <typename op_t>
+// The first `rows` x `n` of a kQueryBlock x kKeyBlock float32 block (P or dS) as a row-major left operand of type
+// op_t and depth product_depth<layout>(n): the block itself for float operands, else rounded into `scratch`, laid out
+// alike, with a zero column after an odd n when the layout pads the depth.
+template <Layout layout, typename op_t>
 static const op_t* block_operand(const float* block, int64_t rows, int64_t n, op_t* scratch) {
   if constexpr (std::is_same_v<op_t, float>) {
     return block;
   } else {
     for (int64_t r = 0; r < rows; ++r) {
       at::vec::convert(block + r * kKeyBlock, scratch + r * kKeyBlock, n);
+      if (product_depth<layout>(n) > n) scratch[r * kKeyBlock + n] = op_t(0.0f);
+    }
+    return scratch;
+  }
+}
+
+// The same block as a right operand of depth `rows` in `layout` (leading dimension kKeyBlock): for kVnni, rows
+// interleaved in pairs and rounded to bfloat16 in registers, with a zero row after an odd `rows`.
+template <Layout layout, typename op_t>
+static const op_t* right_block_operand(const float* block, int64_t rows, int64_t n, op_t* scratch) {
+  if constexpr (layout == Layout::kRowMajor) {
+    return block_operand<layout>(block, rows, n, scratch);
+  } else {
+    for (int64_t r = 0; r < rows; r += 2) {
+      const float* even = block + r * kKeyBlock;
+      const float* odd = r + 1 < rows ? even + kKeyBlock : nullptr;
+      op_t* pair = scratch + b_offset<layout>(r, 0, kKeyBlock);
+      int64_t c = 0;
+      for (; c + kWidth <= n; c += kWidth) {
+        const auto [lo, hi] = at::vec::interleave2(Vec::loadu(even + c), odd ? Vec::loadu(odd + c) : Vec(0.0f));
+        at::vec::convert_from_float<op_t>(lo, hi).store(pair + 2 * c);
+      }
+      for (; c < n; ++c) {
+        pair[2 * c] = static_cast<op_t>(even[c]);
+        pair[2 * c + 1] = static_cast<op_t>(odd ? odd[c] : 0.0f);
+      }
     }
     return scratch;
   }
@@ -548,28 +576,34 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const float* lse_data = lse.const_data_ptr<float>();
 
   constexpr bool kFloatOperands = std::is_same_v<op_t, float>;
-  // The backward's operands are all row-major: bfloat16 ones multiply through BLAS, which repacks them per call.
-  constexpr Layout kRows = Layout::kRowMajor;
+  // Right operands in the VNNI layout for bfloat16 (see Layout), as in the forward; left operands row-major.
+  constexpr Layout kLayout = kFloatOperands ? Layout::kRowMajor : Layout::kVnni;
+  // The depths of S = Q K^T and dP = dO V^T: the head dims, padded to even in VNNI.
+  const int64_t dim_depth = product_depth<kLayout>(dim), dim_v_depth = product_depth<kLayout>(dim_v);
   at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch. Key side, for the chunk: K^T and V^T block by block (the right operands of S = Q K^T and
-    // dP = dO V^T), K as op_t if it is not already, and dK^T and dV^T accumulated block by block. Query side, for
-    // one query head: Q and dO as op_t if they are not already, Q^T and dO^T block by block (the left operands of
-    // dK^T += Q^T dS and dV^T += dO^T P), delta, and dQ unless it goes to a chunk buffer. Then the score and dP
-    // blocks, and with bfloat16 operands P and dS rounded to it.
-    const int64_t kt_size = padded(chunk_len * dim), vt_size = padded(chunk_len * dim_v);
-    const int64_t q_size = padded(q_blocks * kQueryBlock * dim), do_size = padded(q_blocks * kQueryBlock * dim_v);
+    // dP = dO V^T), K as the right operand of dQ += dS K, and dK^T and dV^T accumulated block by block. Query side,
+    // for one query head: Q and dO as left operands if they are not already, Q^T and dO^T block by block (the left
+    // operands of dK^T += Q^T dS and dV^T += dO^T P), delta, and dQ unless it goes to a chunk buffer. Then the
+    // score and dP blocks, and with bfloat16 operands P and dS rounded to it: P and dS as right operands, dS also
+    // as a left one.
+    const int64_t kt_size = padded(chunk_len * dim_depth), vt_size = padded(chunk_len * dim_v_depth);
+    const int64_t k_size = padded(chunk_len * dim);
+    const int64_t q_size = padded(q_blocks * kQueryBlock * dim_depth);
+    const int64_t do_size = padded(q_blocks * kQueryBlock * dim_v_depth);
     const int64_t s_size = kQueryBlock * kKeyBlock, ps_size = kFloatOperands ? 0 : s_size;
-    at::Tensor operands = at::empty({2 * kt_size + vt_size + 2 * q_size + 2 * do_size + 2 * ps_size},
+    at::Tensor operands = at::empty({kt_size + k_size + vt_size + 2 * q_size + 2 * do_size + 3 * ps_size},
                                     c10::CppTypeToScalarType<op_t>::value);
     op_t* k_t = operands.data_ptr<op_t>();
     op_t* k_scratch = k_t + kt_size;
-    op_t* v_t = k_scratch + kt_size;
+    op_t* v_t = k_scratch + k_size;
     op_t* q_scratch = v_t + vt_size;
     op_t* q_t = q_scratch + q_size;
     op_t* do_scratch = q_t + q_size;
     op_t* do_t = do_scratch + do_size;
     op_t* p_op = do_t + do_size;
     op_t* ds_op = p_op + ps_size;
+    op_t* ds_right_op = ds_op + ps_size;
     at::Tensor scratch =
         at::empty({kt_size + vt_size + q_size + padded(q_len) + 2 * s_size + kKeyBlock}, at::kFloat);
     float* dk_t = scratch.data_ptr<float>();
@@ -585,9 +619,15 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       const int64_t chunk = zigzag(task % chunks, chunks);
       const int64_t c0 = chunk * chunk_len, keys = std::min(chunk_len, k_len - c0);
       const Matrix<scalar_t> k_chunk = head_of<scalar_t>(k, b, kvh).from_row(c0);
-      transpose_blocks<kRows>(k_chunk, keys, dim, kKeyBlock, k_t);
-      transpose_blocks<kRows>(head_of<scalar_t>(v, b, kvh).from_row(c0), keys, dim_v, kKeyBlock, v_t);
-      const Rows<op_t> k_rows = operand_rows<op_t>(k_chunk, 0, keys, dim, dim, k_scratch);
+      transpose_blocks<kLayout>(k_chunk, keys, dim, kKeyBlock, k_t);
+      transpose_blocks<kLayout>(head_of<scalar_t>(v, b, kvh).from_row(c0), keys, dim_v, kKeyBlock, v_t);
+      Rows<op_t> k_rows{};  // K as the right operand of dQ += dS K
+      if constexpr (kFloatOperands) {
+        k_rows = operand_rows<op_t>(k_chunk, 0, keys, dim, dim, k_scratch);
+      } else {
+        pack_rows<kLayout>(k_chunk, keys, dim, k_scratch);
+        k_rows = {k_scratch, dim};
+      }
       const int64_t padded_keys = ceil_div(keys, kKeyBlock) * kKeyBlock;  // the last block is whole in the layout
       std::fill(dk_t, dk_t + padded_keys * dim, 0.0f);
       std::fill(dv_t, dv_t + padded_keys * dim_v, 0.0f);
@@ -595,10 +635,13 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
         const Matrix<scalar_t> q_head = head_of<scalar_t>(q, b, h), do_head = head_of<scalar_t>(dout, b, h);
         const Matrix<scalar_t> out_head = head_of<scalar_t>(out, b, h);
-        const Rows<op_t> q_rows = operand_rows<op_t>(q_head, 0, q_len, dim, dim, q_scratch);
-        const Rows<op_t> do_rows = operand_rows<op_t>(do_head, 0, q_len, dim_v, dim_v, do_scratch);
-        transpose_blocks<kRows>(q_head, q_len, dim, kQueryBlock, q_t);
-        transpose_blocks<kRows>(do_head, q_len, dim_v, kQueryBlock, do_t);
+        const Rows<op_t> q_rows = operand_rows<op_t>(q_head, 0, q_len, dim, dim_depth, q_scratch);
+        const Rows<op_t> do_rows = operand_rows<op_t>(do_head, 0, q_len, dim_v, dim_v_depth, do_scratch);
+        // Q^T and dO^T: the last block's columns past q_len stay zero, the padding of a depth made even.
+        std::fill(q_t, q_t + q_blocks * kQueryBlock * dim, op_t(0.0f));
+        std::fill(do_t, do_t + q_blocks * kQueryBlock * dim_v, op_t(0.0f));
+        transpose_blocks<Layout::kRowMajor>(q_head, q_len, dim, kQueryBlock, q_t);
+        transpose_blocks<Layout::kRowMajor>(do_head, q_len, dim_v, kQueryBlock, do_t);
         for (int64_t i = 0; i < q_len; ++i) {
           float sum = 0.0f;
           for (int64_t d = 0; d < dim_v; ++d) {
@@ -614,8 +657,8 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
         for (int64_t k0 = 0; k0 < keys; k0 += kKeyBlock) {
           const int64_t n = std::min(kKeyBlock, keys - k0), key0 = c0 + k0;
-          const op_t* k_t_block = k_t + k0 * dim;
-          const op_t* v_t_block = v_t + k0 * dim_v;
+          const op_t* k_t_block = k_t + k0 * dim_depth;
+          const op_t* v_t_block = v_t + k0 * dim_v_depth;
           float* dk_t_block = dk_t + k0 * dim;
           float* dv_t_block = dv_t + k0 * dim_v;
           // Query rows before key0 - shift see none of these keys under causality.
@@ -624,22 +667,28 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             const int64_t rows = std::min(kQueryBlock, q_len - i0);
             // Keys past the last row's causal limit: hidden from every row of the query block, no scores for them.
             const int64_t cols = causal.visible(i0 + rows - 1, key0, n);
-            gemm<kRows>(rows, cols, dim, q_rows.data + i0 * q_rows.ld, q_rows.ld, k_t_block, kKeyBlock, s, kKeyBlock,
-                        false);
-            gemm<kRows>(rows, cols, dim_v, do_rows.data + i0 * do_rows.ld, do_rows.ld, v_t_block, kKeyBlock, dp,
-                        kKeyBlock, false);
+            gemm<kLayout>(rows, cols, dim_depth, q_rows.data + i0 * q_rows.ld, q_rows.ld, k_t_block, kKeyBlock, s,
+                          kKeyBlock, false);
+            gemm<kLayout>(rows, cols, dim_v_depth, do_rows.data + i0 * do_rows.ld, do_rows.ld, v_t_block, kKeyBlock,
+                          dp, kKeyBlock, false);
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t i = i0 + r;
               const ScoreRow row{s + r * kKeyBlock, cols, causal.visible(i, key0, cols),
                                  mask_rows.row(b, h, i, key0, cols, bias_scratch), scale};
               softmax_grad_row(row, s + r * kKeyBlock, dp + r * kKeyBlock, lse_row[i], delta[i]);
             }
-            const op_t* p = block_operand(s, rows, cols, p_op);
-            const op_t* ds = block_operand(dp, rows, cols, ds_op);
-            gemm<kRows>(dim_v, cols, rows, do_t + i0 * dim_v, kQueryBlock, p, kKeyBlock, dv_t_block, kKeyBlock, true);
-            gemm<kRows>(dim, cols, rows, q_t + i0 * dim, kQueryBlock, ds, kKeyBlock, dk_t_block, kKeyBlock, true);
-            gemm<kRows>(rows, dim, cols, ds, kKeyBlock, k_rows.data + k0 * k_rows.ld, k_rows.ld, dq_acc + i0 * dim,
-                        dim, true);
+            // dV^T += dO^T P and dK^T += Q^T dS over the block's rows, dQ += dS K over its keys (k0 is even, so K's
+            // rows from k0 are whole VNNI pairs); where a depth is padded to even, both operands are zero there.
+            const int64_t rows_depth = product_depth<kLayout>(rows), cols_depth = product_depth<kLayout>(cols);
+            const op_t* p = right_block_operand<kLayout>(s, rows, cols, p_op);
+            const op_t* ds_right = right_block_operand<kLayout>(dp, rows, cols, ds_right_op);
+            const op_t* ds_left = block_operand<kLayout>(dp, rows, cols, ds_op);
+            gemm<kLayout>(dim_v, cols, rows_depth, do_t + i0 * dim_v, kQueryBlock, p, kKeyBlock, dv_t_block, kKeyBlock,
+                          true);
+            gemm<kLayout>(dim, cols, rows_depth, q_t + i0 * dim, kQueryBlock, ds_right, kKeyBlock, dk_t_block,
+                          kKeyBlock, true);
+            gemm<kLayout>(rows, dim, cols_depth, ds_left, kKeyBlock, k_rows.data + k0 * k_rows.ld, k_rows.ld,
+                          dq_acc + i0 * dim, dim, true);
           }
         }
         if (chunks == 1) {
@@ -655,7 +704,7 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                               dv.stride(2));
     }
     if constexpr (!kFloatOperands) {
-      at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+      at::native::cpublas::brgemm_release(/*is_vnni=*/true);
     }
   });
 
