@@ -85,6 +85,16 @@ inline float sum_floats2(const T* x, const T* y, int64_t n, const VecFn& fv, con
   return total;
 }
 
+// Feeds a row of n to a row accumulator (RowMax, MomentSums, BwdRowSums): acc.add_step(i) for each kWidth-wide
+// step, acc.add_element(i) for the elements after the last whole step. This is a task's first row; the kernels feed
+// each later row's accumulator inside the loop that writes the row before it.
+template <int64_t kWidth, typename Accumulator>
+inline void accumulate_row(Accumulator& acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) acc.add_step(i);
+  for (; i < n; ++i) acc.add_element(i);
+}
+
 // Rows per parallel task, so that a task touches at least ~32K elements (parallel overhead stays small).
 inline int64_t rows_per_task(int64_t cols) {
   constexpr int64_t kElementsPerTask = 32768;

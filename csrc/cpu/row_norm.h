@@ -48,13 +48,6 @@ class MomentSums {
     square_tail_ = std::fma(d, d, square_tail_);
   }
 
-  // The whole row of n, in one pass.
-  void add_row(int64_t n) {
-    int64_t i = 0;
-    for (; i + kStep <= n; i += kStep) add_step(i);
-    for (; i < n; ++i) add_element(i);
-  }
-
   float shift() const { return shift_; }
 
   // {sum(x - shift), sum((x - shift)^2)} (the first is 0 for RMSNorm).
@@ -109,7 +102,7 @@ std::pair<float, float> row_moments(const MomentSums<kRms, T>& moments, const T*
     return {moments.shift() + residual, var};
   }
   MomentSums<kRms, T> again(x, moments.shift() + residual);
-  again.add_row(n);
+  accumulate_row<kStep>(again, n);
   std::tie(residual_sum, square_sum) = again.totals();
   residual = residual_sum * inv_n;
   return {again.shift() + residual, std::max(square_sum * inv_n - residual * residual, 0.f)};
@@ -125,7 +118,7 @@ void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float
   constexpr int64_t kWidth = FloatVec::size();
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
     auto moments = start_moments<kRms>(x + begin * x_row_stride, cols);
-    moments.add_row(cols);
+    accumulate_row<kStep>(moments, cols);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * x_row_stride;
       const auto [mu, var] = row_moments(moments, xr, cols);
@@ -262,8 +255,7 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
       if (db != nullptr) std::fill(db, db + cols, 0.f);
       const int64_t row_begin = task * task_rows, row_end = std::min(rows, (task + 1) * task_rows);
       auto first = row_sums(row_begin);
-      for (int64_t i = 0; i < vector_end; i += kBwd) first.add_step(i);
-      for (int64_t i = vector_end; i < cols; ++i) first.add_element(i);
+      accumulate_row<kBwd>(first, cols);
       auto [g_xhat_sum, g_sum] = first.totals();
       for (int64_t r = row_begin; r < row_end; ++r) {
         const T* xr = x + r * x_row_stride;

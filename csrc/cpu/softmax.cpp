@@ -40,13 +40,6 @@ class RowMax {
     tail_ = std::isnan(v) || v > tail_ ? v : tail_;
   }
 
-  // The whole row of n, in one pass.
-  void add_row(int64_t n) {
-    int64_t i = 0;
-    for (; i + kStep <= n; i += kStep) add_step(i);
-    for (; i < n; ++i) add_element(i);
-  }
-
   float total() const {
     const float max = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return at::vec::maximum(a, b); },
                                                      at::vec::maximum(max_[0], max_[1]));
@@ -69,7 +62,7 @@ void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, 
   // softmax's exp(x - max) in float32 between its last two passes: the output row itself for float32 output.
   std::vector<float> exps_scratch(kLog || std::is_same_v<Out, float> ? 0 : cols);
   RowMax<In> first(x + begin * x_row_stride);
-  first.add_row(cols);
+  accumulate_row<kStep>(first, cols);
   float max = first.total();
   for (int64_t r = begin; r < end; ++r) {
     const In* xr = x + r * x_row_stride;
