@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <type_traits>
 
@@ -47,6 +48,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include "dispatch.h"
+#include "vec_math.h"
 
 namespace lmrt::cpu {
 namespace {
@@ -90,24 +92,13 @@ static inline Vec scores(const ScoreRow& row, int64_t j, int64_t count) {
   return Vec::set(Vec(-kInf), x, count);
 }
 
-// The largest lane, or NaN if a lane is NaN.
+// The largest lane, or NaN if a lane is NaN (at::vec::maximum propagates NaN).
 static inline float max_lane(const Vec& v) {
-  float lanes[kWidth];
-  v.store(lanes);
-  float max = -kInf;
-  for (float x : lanes) {
-    if (std::isnan(x)) return x;
-    max = std::max(max, x);
-  }
-  return max;
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v);
 }
 
 static inline float sum_lanes(const Vec& v) {
-  float lanes[kWidth];
-  v.store(lanes);
-  float sum = 0.0f;
-  for (float x : lanes) sum += x;
-  return sum;
+  return at::vec::vec_reduce_all<float>(std::plus<Vec>(), v);
 }
 
 // The largest x over the row's visible keys (-inf if none; NaN if any x is NaN). Four running maxima, so that the
@@ -127,21 +118,9 @@ static float visible_max(const ScoreRow& row) {
   return max_lane(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
 }
 
-// Stores the 2 kWidth floats of (lo, hi), or their first `count`, at dst as out_t.
-template <typename out_t>
-static inline void store_pair(const Vec& lo, const Vec& hi, out_t* dst, int64_t count) {
-  if constexpr (std::is_same_v<out_t, float>) {
-    lo.store(dst, static_cast<int>(std::min(count, kWidth)));
-    if (count > kWidth) hi.store(dst + kWidth, static_cast<int>(count - kWidth));
-  } else {
-    at::vec::convert_from_float<out_t>(lo, hi).store(dst, static_cast<int>(count));
-  }
-}
-
-// p = exp(x - m) over the row's keys, 0 for the hidden ones, stored as out_t to p[0, n) and zeros to p[n, n_pad);
-// returns the sum of p. Two keys' vectors per step, for the bfloat16 store and two running sums.
-template <typename out_t>
-static float exp_row(const ScoreRow& row, float m, out_t* p, int64_t n_pad) {
+// p = exp(x - m) over the row's keys, 0 for the hidden ones, to p[0, n) (which may be the scores themselves); returns
+// the sum of p. Two keys' vectors per step, for two running sums and one pass of the loop on short causal rows.
+static float exp_row(const ScoreRow& row, float m, float* p) {
   Vec sum0(0.0f), sum1(0.0f);
   for (int64_t j = 0; j < row.visible; j += 2 * kWidth) {
     const int64_t count = std::min(2 * kWidth, row.visible - j);
@@ -149,27 +128,27 @@ static float exp_row(const ScoreRow& row, float m, out_t* p, int64_t n_pad) {
     const Vec hi = count == 2 * kWidth ? scores(row, j + kWidth)
                    : count > kWidth    ? scores(row, j + kWidth, count - kWidth)
                                        : Vec(-kInf);
-    const Vec p_lo = (lo - Vec(m)).exp_u20(), p_hi = (hi - Vec(m)).exp_u20();  // exp(-inf) = 0 past count
-    store_pair(p_lo, p_hi, p + j, count);
+    const Vec p_lo = exp_nonpositive(lo - Vec(m)), p_hi = exp_nonpositive(hi - Vec(m));  // exp(-inf) = 0 past count
+    p_lo.store(p + j, static_cast<int>(std::min(count, kWidth)));
+    if (count > kWidth) p_hi.store(p + j + kWidth, static_cast<int>(count - kWidth));
     sum0 += p_lo;
     sum1 += p_hi;
   }
-  std::fill(p + row.visible, p + n_pad, out_t(0.0f));
+  std::fill(p + row.visible, p + row.n, 0.0f);
   return sum_lanes(sum0 + sum1);
 }
 
-// Forward online-softmax step of one query row over one key block: writes p = exp(scale s + bias - m) as out_t to
-// p[0, n) (0 for hidden keys) and zeros to p[n, n_pad), under the updated running max *m; updates the running sum
-// *l; and returns exp(m_old - m), the factor by which the row's output accumulator must be rescaled.
-template <typename out_t>
-static float online_softmax_row(const ScoreRow& row, float* m, float* l, out_t* p, int64_t n_pad) {
+// Forward online-softmax step of one query row over one key block: writes p = exp(scale s + bias - m) to p[0, n) (0
+// for hidden keys; p may be the scores themselves) under the updated running max *m; updates the running sum *l; and
+// returns exp(m_old - m), the factor by which the row's output accumulator must be rescaled.
+static float online_softmax_row(const ScoreRow& row, float* m, float* l, float* p) {
   const float m_old = *m, block_max = visible_max(row);
   const float m_new = std::isnan(block_max) ? block_max : std::max(m_old, block_max);
   if (m_new == -kInf) {  // no key seen yet: p = 0, and the accumulator (still 0) needs no rescaling
-    std::fill(p, p + n_pad, out_t(0.0f));
+    std::fill(p, p + row.n, 0.0f);
     return 1.0f;
   }
-  const float sum = exp_row(row, m_new, p, n_pad);
+  const float sum = exp_row(row, m_new, p);
   const float alpha = std::exp(m_old - m_new);
   *m = m_new;
   *l = *l * alpha + sum;
@@ -181,7 +160,7 @@ static float online_softmax_row(const ScoreRow& row, float* m, float* l, out_t* 
 static void softmax_grad_row(const ScoreRow& row, float* p, float* dp, float lse, float delta) {
   for (int64_t j = 0; j < row.visible; j += kWidth) {
     const int64_t count = std::min(kWidth, row.visible - j);
-    const Vec p_j = (scores(row, j, count) - Vec(lse)).exp_u20();
+    const Vec p_j = exp_nonpositive(scores(row, j, count) - Vec(lse));
     const Vec ds = p_j * (Vec::loadu(dp + j, count) - Vec(delta));
     p_j.store(p + j, static_cast<int>(count));
     ds.store(dp + j, static_cast<int>(count));
@@ -285,18 +264,23 @@ static Matrix<scalar_t> head_of(const at::Tensor& t, int64_t b, int64_t h) {
   return {t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
 }
 
+// One row of n floats of a P or dS block rounded to bfloat16 at dst, as a row of a left operand of depth
+// product_depth<layout>(n): with a zero after an odd n when the layout pads the depth.
+template <Layout layout>
+static void round_row_operand(const float* row, int64_t n, at::BFloat16* dst) {
+  round_to_bfloat16(row, dst, n);
+  if (product_depth<layout>(n) > n) dst[n] = at::BFloat16(0.0f);
+}
+
 // The first `rows` x `n` of a kQueryBlock x kKeyBlock float32 block (P or dS) as a row-major left operand of type
 // op_t and depth product_depth<layout>(n): the block itself for float operands, else rounded into `scratch`, laid out
-// alike, with a zero column after an odd n when the layout pads the depth.
+// alike.
 template <Layout layout, typename op_t>
 static const op_t* block_operand(const float* block, int64_t rows, int64_t n, op_t* scratch) {
   if constexpr (std::is_same_v<op_t, float>) {
     return block;
   } else {
-    for (int64_t r = 0; r < rows; ++r) {
-      at::vec::convert(block + r * kKeyBlock, scratch + r * kKeyBlock, n);
-      if (product_depth<layout>(n) > n) scratch[r * kKeyBlock + n] = op_t(0.0f);
-    }
+    for (int64_t r = 0; r < rows; ++r) round_row_operand<layout>(block + r * kKeyBlock, n, scratch + r * kKeyBlock);
     return scratch;
   }
 }
@@ -310,17 +294,8 @@ static const op_t* right_block_operand(const float* block, int64_t rows, int64_t
   } else {
     for (int64_t r = 0; r < rows; r += 2) {
       const float* even = block + r * kKeyBlock;
-      const float* odd = r + 1 < rows ? even + kKeyBlock : nullptr;
-      op_t* pair = scratch + b_offset<layout>(r, 0, kKeyBlock);
-      int64_t c = 0;
-      for (; c + kWidth <= n; c += kWidth) {
-        const auto [lo, hi] = at::vec::interleave2(Vec::loadu(even + c), odd ? Vec::loadu(odd + c) : Vec(0.0f));
-        at::vec::convert_from_float<op_t>(lo, hi).store(pair + 2 * c);
-      }
-      for (; c < n; ++c) {
-        pair[2 * c] = static_cast<op_t>(even[c]);
-        pair[2 * c + 1] = static_cast<op_t>(odd ? odd[c] : 0.0f);
-      }
+      interleave_round_to_bfloat16(even, r + 1 < rows ? even + kKeyBlock : nullptr,
+                                   scratch + b_offset<layout>(r, 0, kKeyBlock), n);
     }
     return scratch;
   }
@@ -470,7 +445,7 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     float* row_max = acc + acc_size;
     float* row_sum = row_max + stats_size;
     float* bias_scratch = row_sum + stats_size;
-    op_t* p;  // P as op_t: in place of the scores for float operands, else rounded to bfloat16 in a block of its own
+    op_t* p;  // P as op_t: the scores' block for float operands (P replaces them), else a block of its own
     if constexpr (kFloatOperands) {
       p = s;
     } else {
@@ -509,7 +484,8 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         for (int64_t r = 0; r < rows; ++r) {
           const ScoreRow row{s + r * kKeyBlock, n, causal.visible(i0 + r, k0, n),
                              mask_rows.row(b, h, i0 + r, k0, n, bias_scratch), scale};
-          const float alpha = online_softmax_row(row, row_max + r, row_sum + r, p + r * kKeyBlock, n_depth);
+          const float alpha = online_softmax_row(row, row_max + r, row_sum + r, s + r * kKeyBlock);
+          if constexpr (!kFloatOperands) round_row_operand<kLayout>(s + r * kKeyBlock, n, p + r * kKeyBlock);
           if (alpha != 1.0f) {
             for (float* a = acc + r * dim_v; a < acc + (r + 1) * dim_v; ++a) *a *= alpha;
           }
