@@ -79,20 +79,21 @@ struct ScoreRow {
   float scale;
 };
 
-// x = scale s + bias over the row's keys [j, j + kWidth).
-static inline Vec scores(const ScoreRow& row, int64_t j) {
-  const Vec x = Vec::loadu(row.s + j) * Vec(row.scale);
-  return row.bias == nullptr ? x : x + Vec::loadu(row.bias + j);
+// x - shift, x = scale s + bias, over the row's keys [j, j + kWidth): one fused multiply-add without a mask.
+static inline Vec scores(const ScoreRow& row, int64_t j, float shift) {
+  const Vec s = Vec::loadu(row.s + j);
+  if (row.bias == nullptr) return at::vec::fmadd(s, Vec(row.scale), Vec(-shift));
+  return at::vec::fmadd(s, Vec(row.scale), Vec::loadu(row.bias + j)) - Vec(shift);
 }
 
-// x over the row's keys [j, j + count), count <= kWidth, and -inf in the lanes past count.
-static inline Vec scores(const ScoreRow& row, int64_t j, int64_t count) {
-  Vec x = Vec::loadu(row.s + j, count) * Vec(row.scale);
-  if (row.bias != nullptr) x += Vec::loadu(row.bias + j, count);
+// x - shift over the row's keys [j, j + count), count <= kWidth, and -inf in the lanes past count.
+static inline Vec scores(const ScoreRow& row, int64_t j, int64_t count, float shift) {
+  const Vec s = Vec::loadu(row.s + j, count);
+  const Vec x = row.bias == nullptr ? at::vec::fmadd(s, Vec(row.scale), Vec(-shift))
+                                    : at::vec::fmadd(s, Vec(row.scale), Vec::loadu(row.bias + j, count)) - Vec(shift);
   return Vec::set(Vec(-kInf), x, count);
 }
 
-// The largest lane, or NaN if a lane is NaN (at::vec::maximum propagates NaN).
 static inline float max_lane(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v);
 }
@@ -101,21 +102,30 @@ static inline float sum_lanes(const Vec& v) {
   return at::vec::vec_reduce_all<float>(std::plus<Vec>(), v);
 }
 
-// The largest x over the row's visible keys (-inf if none; NaN if any x is NaN). Four running maxima, so that the
-// loop is not bound by the latency of one chain of max operations.
+// The largest x over the row's visible keys that is not NaN (-inf if none), by clamp_min(max, x), which keeps max
+// when x is NaN: one vmaxps a vector where a NaN-propagating maximum takes four. A NaN x still makes its row NaN, as
+// exp(NaN) does in exp_row. Four running maxima, so that the loop is not bound by the latency of one chain.
 static float visible_max(const ScoreRow& row) {
   Vec m0(-kInf), m1(-kInf), m2(-kInf), m3(-kInf);
   int64_t j = 0;
   for (; j + 4 * kWidth <= row.visible; j += 4 * kWidth) {
-    m0 = at::vec::maximum(m0, scores(row, j));
-    m1 = at::vec::maximum(m1, scores(row, j + kWidth));
-    m2 = at::vec::maximum(m2, scores(row, j + 2 * kWidth));
-    m3 = at::vec::maximum(m3, scores(row, j + 3 * kWidth));
+    m0 = at::vec::clamp_min(m0, scores(row, j, 0.0f));
+    m1 = at::vec::clamp_min(m1, scores(row, j + kWidth, 0.0f));
+    m2 = at::vec::clamp_min(m2, scores(row, j + 2 * kWidth, 0.0f));
+    m3 = at::vec::clamp_min(m3, scores(row, j + 3 * kWidth, 0.0f));
   }
   for (; j < row.visible; j += kWidth) {
-    m0 = at::vec::maximum(m0, scores(row, j, std::min(kWidth, row.visible - j)));
+    m0 = at::vec::clamp_min(m0, scores(row, j, std::min(kWidth, row.visible - j), 0.0f));
   }
   return max_lane(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+}
+
+// Whether any visible x is NaN.
+static bool any_visible_nan(const ScoreRow& row) {
+  for (int64_t j = 0; j < row.visible; ++j) {
+    if (std::isnan(row.s[j] * row.scale + (row.bias == nullptr ? 0.0f : row.bias[j]))) return true;
+  }
+  return false;
 }
 
 // p = exp(x - m) over the row's keys, 0 for the hidden ones, to p[0, n) (which may be the scores themselves); returns
@@ -124,11 +134,11 @@ static float exp_row(const ScoreRow& row, float m, float* p) {
   Vec sum0(0.0f), sum1(0.0f);
   for (int64_t j = 0; j < row.visible; j += 2 * kWidth) {
     const int64_t count = std::min(2 * kWidth, row.visible - j);
-    const Vec lo = count >= kWidth ? scores(row, j) : scores(row, j, count);
-    const Vec hi = count == 2 * kWidth ? scores(row, j + kWidth)
-                   : count > kWidth    ? scores(row, j + kWidth, count - kWidth)
+    const Vec lo = count >= kWidth ? scores(row, j, m) : scores(row, j, count, m);
+    const Vec hi = count == 2 * kWidth ? scores(row, j + kWidth, m)
+                   : count > kWidth    ? scores(row, j + kWidth, count - kWidth, m)
                                        : Vec(-kInf);
-    const Vec p_lo = exp_nonpositive(lo - Vec(m)), p_hi = exp_nonpositive(hi - Vec(m));  // exp(-inf) = 0 past count
+    const Vec p_lo = exp_nonpositive(lo), p_hi = exp_nonpositive(hi);  // exp(-inf) = 0 past count
     p_lo.store(p + j, static_cast<int>(std::min(count, kWidth)));
     if (count > kWidth) p_hi.store(p + j + kWidth, static_cast<int>(count - kWidth));
     sum0 += p_lo;
@@ -142,11 +152,14 @@ static float exp_row(const ScoreRow& row, float m, float* p) {
 // for hidden keys; p may be the scores themselves) under the updated running max *m; updates the running sum *l; and
 // returns exp(m_old - m), the factor by which the row's output accumulator must be rescaled.
 static float online_softmax_row(const ScoreRow& row, float* m, float* l, float* p) {
-  const float m_old = *m, block_max = visible_max(row);
-  const float m_new = std::isnan(block_max) ? block_max : std::max(m_old, block_max);
-  if (m_new == -kInf) {  // no key seen yet: p = 0, and the accumulator (still 0) needs no rescaling
-    std::fill(p, p + row.n, 0.0f);
-    return 1.0f;
+  const float m_old = *m;
+  float m_new = std::max(m_old, visible_max(row));  // NaN once a block had a NaN x and no other (see below)
+  if (m_new == -kInf) {
+    if (!any_visible_nan(row)) {  // no key seen yet: p = 0, and the accumulator (still 0) needs no rescaling
+      std::fill(p, p + row.n, 0.0f);
+      return 1.0f;
+    }
+    m_new = std::numeric_limits<float>::quiet_NaN();  // x NaN or -inf: the row is NaN, from here on too
   }
   const float sum = exp_row(row, m_new, p);
   const float alpha = std::exp(m_old - m_new);
@@ -160,7 +173,7 @@ static float online_softmax_row(const ScoreRow& row, float* m, float* l, float* 
 static void softmax_grad_row(const ScoreRow& row, float* p, float* dp, float lse, float delta) {
   for (int64_t j = 0; j < row.visible; j += kWidth) {
     const int64_t count = std::min(kWidth, row.visible - j);
-    const Vec p_j = exp_nonpositive(scores(row, j, count) - Vec(lse));
+    const Vec p_j = exp_nonpositive(scores(row, j, count, lse));
     const Vec ds = p_j * (Vec::loadu(dp + j, count) - Vec(delta));
     p_j.store(p + j, static_cast<int>(count));
     ds.store(dp + j, static_cast<int>(count));
@@ -327,9 +340,30 @@ static Rows<T> operand_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, in
   return {scratch, depth};
 }
 
+// Two bfloat16 values as the 32-bit word that holds them in memory, `low` at the lower address (x86 is little-endian).
+static inline uint32_t bfloat16_pair(at::BFloat16 low, at::BFloat16 high) {
+  return static_cast<uint32_t>(low.x) | static_cast<uint32_t>(high.x) << 16;
+}
+
 // Rows [0, rows) of `m` (cols wide) as a right operand of depth `rows` in `layout`, leading dimension cols.
 template <Layout layout, typename scalar_t, typename T>
 static void pack_rows(const Matrix<scalar_t>& m, int64_t rows, int64_t cols, T* dst) {
+  if constexpr (layout == Layout::kVnni && std::is_same_v<scalar_t, T>) {
+    if (m.col_stride == 1) {  // bfloat16 as it is: each pair of rows interleaved, a 32-bit word per column
+      uint32_t* words = reinterpret_cast<uint32_t*>(dst);
+      for (int64_t r = 0; r < rows; r += 2) {
+        const scalar_t* even = m.data + r * m.row_stride;
+        const scalar_t* odd = even + m.row_stride;
+        uint32_t* pair = words + (r / 2) * cols;
+        if (r + 1 < rows) {
+          for (int64_t c = 0; c < cols; ++c) pair[c] = bfloat16_pair(even[c], odd[c]);
+        } else {
+          for (int64_t c = 0; c < cols; ++c) pair[c] = bfloat16_pair(even[c], T(0.0f));
+        }
+      }
+      return;
+    }
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = m.data + r * m.row_stride;
     for (int64_t c = 0; c < cols; ++c) dst[b_offset<layout>(r, c, cols)] = static_cast<T>(src[c * m.col_stride]);
@@ -345,6 +379,22 @@ static void pack_rows(const Matrix<scalar_t>& m, int64_t rows, int64_t cols, T* 
 template <Layout layout, typename scalar_t, typename T>
 static void transpose_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int64_t cols, T* dst, int64_t ld) {
   constexpr int64_t kTile = 16;
+  if constexpr (layout == Layout::kVnni && std::is_same_v<scalar_t, T>) {
+    if (m.col_stride == 1 && cols % 2 == 0) {
+      // bfloat16 as it is: a VNNI pair is two adjacent columns of one row, so this is a transpose of 32-bit words.
+      uint32_t* words = reinterpret_cast<uint32_t*>(dst);
+      for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+        const int64_t t1 = std::min(n, t0 + kTile);
+        for (int64_t c = 0; c < cols; c += 2) {
+          const scalar_t* src = m.data + r0 * m.row_stride + c;
+          for (int64_t r = t0; r < t1; ++r) {
+            words[(c / 2) * ld + r] = bfloat16_pair(src[r * m.row_stride], src[r * m.row_stride + 1]);
+          }
+        }
+      }
+      return;
+    }
+  }
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t t1 = std::min(n, t0 + kTile);
     for (int64_t c = 0; c < cols; ++c) {

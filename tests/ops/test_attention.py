@@ -227,6 +227,26 @@ def test_causal_rows_before_the_first_key_give_zeros(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_scores_make_their_rows_nan(causal, backend):
+    """A NaN score makes its row's output NaN, as in PyTorch, and leaves the other rows alone: a query row of NaN
+    (every score NaN, so no finite row maximum), and a NaN key past the first 512 (a later key block, after a
+    finite maximum). The CPU kernel's row maximum skips NaN for speed; this checks that the NaN still arrives."""
+    q, k, v = _qkv(1, 2, 2, 21, 600, 32, torch.float32)
+    q[:, 0, 3] = math.nan
+    k[:, 1, 550, 0] = math.nan  # every row of head 1 sees key 550 (causal too: bottom-right alignment)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn's layout, for its bottom-right causality
+    with lmrt.backend(backend):
+        out = lmrt.ops.flash_attn_func(q, k, v, causal=causal).transpose(1, 2)
+    assert out[:, 0, 3].isnan().all() and out[:, 1].isnan().all()
+    clean = torch.ones(21, dtype=torch.bool, device=DEVICE)
+    clean[3] = False
+    assert out[:, 0, clean].isfinite().all()
+    exact = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=causal).transpose(1, 2)
+    torch.testing.assert_close(out[:, 0, clean].double(), exact[:, 0, clean], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
     _skip_without_full_attention(backend, "dropout")
