@@ -45,8 +45,8 @@ inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<floa
 // float32 -> bfloat16 rounding (to nearest even) of whole rows. AVX512-BF16's vcvtne2ps2bf16 rounds 32 floats in one
 // instruction where at::vec's conversion takes about twenty integer ones; it also flushes subnormal inputs to zero
 // (magnitudes under 1.2e-38, which no kernel here keeps apart from zero). Used where the CPU has it and the build is
-// for AVX-512; at::vec's conversion elsewhere.
-#if defined(CPU_CAPABILITY_AVX512) && (defined(__GNUC__) || defined(__clang__))
+// for AVX-512 by a compiler that knows the instruction (GCC 10, Clang 9 and later); at::vec's conversion elsewhere.
+#if defined(CPU_CAPABILITY_AVX512) && (defined(__clang__) ? __clang_major__ >= 9 : defined(__GNUC__) && __GNUC__ >= 10)
 #define LMRT_HAS_BFLOAT16_ROUNDING_PATH 1
 
 __attribute__((target("avx512bf16"))) inline __m512i round_pairs_avx512bf16(const __m512& low, const __m512& high) {
