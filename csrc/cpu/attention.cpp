@@ -43,6 +43,7 @@
 #include <functional>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -51,6 +52,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include "dispatch.h"
+#include "float_rows.h"
 #include "vec_math.h"
 
 namespace lmrt::cpu {
@@ -403,7 +405,11 @@ static void transpose_rows(const Matrix<scalar_t>& m, int64_t r0, int64_t n, int
     for (int64_t c = 0; c < cols; ++c) {
       const scalar_t* src = m.data + r0 * m.row_stride + c * m.col_stride;
       for (int64_t r = t0; r < t1; ++r) {
-        dst[b_offset<layout>(c, r, ld)] = static_cast<T>(static_cast<float>(src[r * m.row_stride]));
+        if constexpr (std::is_same_v<scalar_t, T>) {
+          dst[b_offset<layout>(c, r, ld)] = src[r * m.row_stride];  // a copy, not a rounding through float
+        } else {
+          dst[b_offset<layout>(c, r, ld)] = static_cast<T>(static_cast<float>(src[r * m.row_stride]));
+        }
       }
     }
   }
@@ -567,20 +573,37 @@ static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward.
 
-// dst (rows x cols, strided) = scale * the transpose of src, given as (cols x block) blocks (see transpose_blocks).
+// dst[0, n) = src[0, n) rounded to scalar_t, vectorized (bfloat16 through round_to_bfloat16).
 template <typename scalar_t>
-static void store_transposed_blocks(const float* src, int64_t rows, int64_t cols, int64_t block, float scale,
-                                    scalar_t* dst, int64_t row_stride) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* block_src = src + (r / block) * cols * block + r % block;
-    for (int64_t c = 0; c < cols; ++c) dst[r * row_stride + c] = static_cast<scalar_t>(scale * block_src[c * block]);
+static void store_row(const float* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy(src, src + n, dst);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    round_to_bfloat16(src, dst, n);
+  } else {
+    at::vec::convert(src, dst, n);
   }
 }
 
+// dst (rows x cols, strided) = scale * the transpose of src, given as (cols x block) blocks (see transpose_blocks):
+// each row gathered into `row` (cols floats), then stored.
 template <typename scalar_t>
-static void store_rows(const float* src, int64_t rows, int64_t cols, float scale, scalar_t* dst, int64_t row_stride) {
+static void store_transposed_blocks(const float* src, int64_t rows, int64_t cols, int64_t block, float scale,
+                                    scalar_t* dst, int64_t row_stride, float* row) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[r * row_stride + c] = static_cast<scalar_t>(scale * src[r * cols + c]);
+    const float* block_src = src + (r / block) * cols * block + r % block;
+    for (int64_t c = 0; c < cols; ++c) row[c] = scale * block_src[c * block];
+    store_row(row, cols, dst + r * row_stride);
+  }
+}
+
+// dst (rows x cols, strided) = scale * src (rows x cols, contiguous), each row scaled into `row` (cols floats).
+template <typename scalar_t>
+static void store_rows(const float* src, int64_t rows, int64_t cols, float scale, scalar_t* dst, int64_t row_stride,
+                       float* row) {
+  for (int64_t r = 0; r < rows; ++r) {
+    at::vec::map([scale](const Vec& x) { return x * Vec(scale); }, row, src + r * cols, cols);
+    store_row(row, cols, dst + r * row_stride);
   }
 }
 
@@ -633,8 +656,8 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     op_t* p_op = do_t + do_size;
     op_t* ds_op = p_op + ps_size;
     op_t* ds_right_op = ds_op + ps_size;
-    at::Tensor scratch =
-        at::empty({kt_size + vt_size + q_size + padded(q_len) + 2 * s_size + kKeyBlock}, at::kFloat);
+    at::Tensor scratch = at::empty(
+        {kt_size + vt_size + q_size + padded(q_len) + 2 * s_size + kKeyBlock + std::max(dim, dim_v)}, at::kFloat);
     float* dk_t = scratch.data_ptr<float>();
     float* dv_t = dk_t + kt_size;
     float* dq_scratch = dv_t + vt_size;
@@ -642,6 +665,7 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     float* s = delta + padded(q_len);
     float* dp = s + s_size;
     float* bias_scratch = dp + s_size;
+    float* row_scratch = bias_scratch + kKeyBlock;  // a row of dQ, dK or dV on its way out
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bkv = task / chunks, b = bkv / kv_heads, kvh = bkv % kv_heads;
@@ -672,12 +696,19 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         transpose_blocks<Layout::kRowMajor>(q_head, q_len, dim, kQueryBlock, q_t);
         transpose_blocks<Layout::kRowMajor>(do_head, q_len, dim_v, kQueryBlock, do_t);
         for (int64_t i = 0; i < q_len; ++i) {
-          float sum = 0.0f;
-          for (int64_t d = 0; d < dim_v; ++d) {
-            sum += static_cast<float>(do_head.data[i * do_head.row_stride + d * do_head.col_stride]) *
-                   static_cast<float>(out_head.data[i * out_head.row_stride + d * out_head.col_stride]);
+          const scalar_t* do_row = do_head.data + i * do_head.row_stride;
+          const scalar_t* o_row = out_head.data + i * out_head.row_stride;
+          if (do_head.col_stride == 1 && out_head.col_stride == 1) {
+            const auto product = [](auto x, auto y) { return x * y; };
+            delta[i] = sum_floats2(do_row, o_row, dim_v, product, product);
+          } else {
+            float sum = 0.0f;
+            for (int64_t d = 0; d < dim_v; ++d) {
+              sum += static_cast<float>(do_row[d * do_head.col_stride]) *
+                     static_cast<float>(o_row[d * out_head.col_stride]);
+            }
+            delta[i] = sum;
           }
-          delta[i] = sum;
         }
         float* dq_acc = chunks > 1 ? dq_chunks.data_ptr<float>() + ((chunk * batch + b) * heads + h) * q_len * dim
                                    : dq_scratch;
@@ -722,15 +753,15 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         }
         if (chunks == 1) {
           store_rows(dq_acc, q_len, dim, scale, dq.data_ptr<scalar_t>() + b * dq.stride(0) + h * dq.stride(1),
-                     dq.stride(2));
+                     dq.stride(2), row_scratch);
         }
       }
       store_transposed_blocks(dk_t, keys, dim, kKeyBlock, scale,
                               dk.data_ptr<scalar_t>() + b * dk.stride(0) + kvh * dk.stride(1) + c0 * dk.stride(2),
-                              dk.stride(2));
+                              dk.stride(2), row_scratch);
       store_transposed_blocks(dv_t, keys, dim_v, kKeyBlock, 1.0f,
                               dv.data_ptr<scalar_t>() + b * dv.stride(0) + kvh * dv.stride(1) + c0 * dv.stride(2),
-                              dv.stride(2));
+                              dv.stride(2), row_scratch);
     }
     if constexpr (!kFloatOperands) {
       at::native::cpublas::brgemm_release(/*is_vnni=*/true);
@@ -742,14 +773,15 @@ static void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     const float* shares = dq_chunks.const_data_ptr<float>();
     const int64_t chunk_stride = batch * heads * q_len * dim;
     at::parallel_for(0, batch * heads * q_len, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sums(dim);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bh = row / q_len, b = bh / heads, h = bh % heads, i = row % q_len;
-        scalar_t* dst = dq.data_ptr<scalar_t>() + b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2);
         for (int64_t d = 0; d < dim; ++d) {
           float sum = 0.0f;
           for (int64_t c = 0; c < chunks; ++c) sum += shares[c * chunk_stride + row * dim + d];
-          dst[d] = static_cast<scalar_t>(scale * sum);
+          sums[d] = scale * sum;
         }
+        store_row(sums.data(), dim, dq.data_ptr<scalar_t>() + b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2));
       }
     });
   }
