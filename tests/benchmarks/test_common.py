@@ -1,5 +1,7 @@
 import contextlib
 import csv
+import math
+import time
 
 import pytest
 
@@ -49,7 +51,9 @@ def test_cpu_timer_interleaves_jobs_and_reports_each_failure():
 
         return call
 
-    timer = common.cpu_timer(budget_s=0.01, warmup=1, min_reps=5, max_reps=50, rounds=5)
+    # apart=inf: the calls are list appends of ~100 ns, whose warm timings differ by over the default 4x now and then
+    # on a loaded host, which would time one of them on its own (test_cpu_timer_times_a_much_slower_job_apart).
+    timer = common.cpu_timer(budget_s=0.01, warmup=1, min_reps=5, max_reps=50, rounds=5, apart=math.inf)
     a, b, missing, late = timer([job("a"), job("b"), common.Job(unprepared), common.Job(fails_when_timed)])
 
     assert isinstance(missing, RuntimeError) and isinstance(late, ValueError)
@@ -59,6 +63,25 @@ def test_cpu_timer_interleaves_jobs_and_reports_each_failure():
     # Interleaved: the two jobs' calls alternate in runs, rather than all of one job's calls coming first.
     switches = sum(first != second for first, second in zip(timed, timed[1:], strict=False))
     assert switches >= 4, timed
+
+
+def test_cpu_timer_times_a_much_slower_job_apart():
+    calls = []
+
+    def job(name, seconds):
+        def call():
+            time.sleep(seconds)
+            calls.append(name)
+
+        return common.Job(lambda: call)
+
+    timer = common.cpu_timer(budget_s=0.02, warmup=1, min_reps=5, max_reps=20, rounds=4)
+    timings = timer([job("slow", 2e-3), job("fast", 0.0)])
+
+    assert all(isinstance(timing, tuple) for timing in timings)
+    timed = calls[2:]  # after one warm-up call each
+    # The slow job's warm call took over 4x the fast one's: its calls come after all of the fast job's.
+    assert timed.count("slow") >= 5 and "fast" not in timed[timed.index("slow"):], timed
 
 
 def test_a_job_prepares_and_runs_in_its_context():
