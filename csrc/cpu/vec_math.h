@@ -11,51 +11,39 @@
 namespace lmrt::cpu {
 
 // exp(x) for the x <= 0 of a softmax's exp(x - max), with exp(-inf) = 0 and exp(NaN) = NaN; right up to x = 88 too.
-// In a build for AVX-512 (12 instructions to exp_u20's 19): n = round(x log2 e), r = x - n ln 2 in two parts (so r
-// is near exact), e^r by a degree-5 polynomial fitted on |r| <= ln(2) / 2, and 2^n applied by vscalefps. Relative
-// error at most 1.8e-7 (about 3 units of 2^-24) over [-87, 0], simulated in float32 against float64 exp; exp_u20
-// allows 20 units. Results under exp(-87) = 1.6e-38 are 0, as in exp_u20: computing subnormals costs a microcode
-// assist per instruction on Intel cores (measured: the causal forward at length 256, whose hidden keys are -inf,
-// went 15% slower), and no softmax sum notices them. AVX2 builds take the same steps (below); others use exp_u20.
+// In a build for AVX-512 or AVX2 (12 or 16 instructions to exp_u20's 19 or 25): n = round(x log2 e), r = x - n ln 2
+// in two parts (so r is near exact), e^r by a degree-5 polynomial fitted on |r| <= ln(2) / 2, then times 2^n.
+// Relative error at most 1.8e-7 (about 3 units of 2^-24) over [-87, 0], simulated in float32 against float64 exp;
+// exp_u20 allows 20 units. Results under exp(-87) = 1.6e-38 are 0, as in exp_u20: computing subnormals costs a
+// microcode assist per instruction on Intel cores (measured: the causal forward at length 256, whose hidden keys are
+// -inf, went 15% slower), and no softmax sum notices them. Other builds use exp_u20.
 inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using Vec = at::vec::Vectorized<float>;
   constexpr float kSmallest = -87.0f;
-  // The lanes kept: x >= kSmallest, and NaN (unordered compares are true), which vmaxps passes through as its
-  // second operand.
-  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kSmallest), _CMP_NLT_UQ);
-  const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(kSmallest), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // clamp_min keeps x when it is NaN (vmaxps returns its second operand then).
+  const Vec clamped = at::vec::clamp_min(x, Vec(kSmallest));
+  const Vec n = (clamped * Vec(1.44269504088896341f)).round();  // to nearest, ties to even
   // ln 2 = kLn2High + kLn2Low, kLn2High with 16 significant bits, so that n kLn2High is exact for |n| < 2^8.
   constexpr float kLn2High = 0.693145751953125f, kLn2Low = 1.42860682030941723212e-6f;
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), clamped);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
-  __m512 p = _mm512_set1_ps(0.008312524296343327f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041890114545822144f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16667114198207855f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499992311000824f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  Vec r = at::vec::fmadd(n, Vec(-kLn2High), clamped);
+  r = at::vec::fmadd(n, Vec(-kLn2Low), r);
+  Vec p(0.008312524296343327f);
+  p = at::vec::fmadd(p, r, Vec(0.041890114545822144f));
+  p = at::vec::fmadd(p, r, Vec(0.16667114198207855f));
+  p = at::vec::fmadd(p, r, Vec(0.499992311000824f));
+  p = at::vec::fmadd(p, r, Vec(1.0f));
+  p = at::vec::fmadd(p, r, Vec(1.0f));
+  // p 2^n in the lanes kept (x >= kSmallest, or NaN: unordered compares are true), 0 in the others.
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kSmallest), _CMP_NLT_UQ);
   return _mm512_maskz_scalef_ps(kept, p, n);
-#elif defined(CPU_CAPABILITY_AVX2)
-  // The same steps in 256 bits, with 2^n built in the exponent field (n >= -126 after the clamp, so it is normal) in
-  // place of vscalefps, and the dropped lanes zeroed by a mask: 16 instructions to exp_u20's 25.
-  constexpr float kSmallest = -87.0f;
+#else
+  // 2^n built in the exponent field (n >= -126 after the clamp, so it is normal), where AVX-512 has vscalefps.
   const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(kSmallest), _CMP_NLT_UQ);
-  const __m256 clamped = _mm256_max_ps(_mm256_set1_ps(kSmallest), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  constexpr float kLn2High = 0.693145751953125f, kLn2Low = 1.42860682030941723212e-6f;
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), clamped);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
-  __m256 p = _mm256_set1_ps(0.008312524296343327f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.041890114545822144f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.16667114198207855f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.499992311000824f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(exponent)), kept);
+#endif
 #else
   return x.exp_u20();
 #endif
