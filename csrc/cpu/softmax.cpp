@@ -92,16 +92,19 @@ void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, 
         sum += exps[i];
       }
     }
-    // y = x - (max + log(sum)) for log-softmax, exps / sum for softmax.
-    const float shift = max + std::log(sum), inv_sum = 1.f / sum;
-    const FloatVec shift_v(shift), inv_sum_v(inv_sum);
+    // y = (x - max) - log(sum) for log-softmax, exps / sum for softmax. x - max is exact near the maximum, where
+    // exp(y) is largest; one shift x - (max + log(sum)) would round y there to the ulp of max, and the backward's
+    // dy - exp(y) * sum(dy) would carry that error times sum(dy) (rows of 4097 logits of scale 100: gradient error
+    // 1.4e-4 to 9.5e-4 against PyTorch's 3.4e-5 to 6.7e-5; now 2.1e-5 to 2.8e-5).
+    const float log_sum = std::log(sum), inv_sum = 1.f / sum;
+    const FloatVec log_sum_v(log_sum), inv_sum_v(inv_sum);
     // The last row of the task takes its own maximum again, from cache, for nobody: one loop serves every row.
     RowMax<In> next(x + std::min(r + 1, end - 1) * x_row_stride);
     int64_t i = 0;
     for (; i + kStep <= cols; i += kStep) {
       if constexpr (kLog) {
         const auto [a, b] = load_floats(xr + i);
-        store_floats(yr + i, a - shift_v, b - shift_v);
+        store_floats(yr + i, (a - max_v) - log_sum_v, (b - max_v) - log_sum_v);
       } else {
         store_floats(yr + i, FloatVec::loadu(exps + i) * inv_sum_v,
                      FloatVec::loadu(exps + i + FloatVec::size()) * inv_sum_v);
@@ -110,7 +113,7 @@ void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, 
     }
     for (; i < cols; ++i) {
       if constexpr (kLog) {
-        yr[i] = static_cast<Out>(static_cast<float>(xr[i]) - shift);
+        yr[i] = static_cast<Out>((static_cast<float>(xr[i]) - max) - log_sum);
       } else {
         yr[i] = static_cast<Out>(exps[i] * inv_sum);
       }

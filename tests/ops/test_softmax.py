@@ -77,6 +77,16 @@ def test_large_values_do_not_overflow(n_cols, dtype, op, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n_cols", [781, 4097], ids=str)
+def test_large_logits_keep_gradients_accurate(n_cols, op, backend):
+    """Logits in the hundreds whose softmax is not one-hot: log-softmax must form y = (x - max) - log(sum), exact
+    near the maximum, since its gradient dy - exp(y) sum(dy) multiplies y's error there by sum(dy)."""
+    x = torch.randn(12, n_cols, device=DEVICE) * 100
+    _check(op, x, -1, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_and_scalar_inputs(backend):
     with lmrt.backend(backend):
         x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
