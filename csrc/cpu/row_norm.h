@@ -266,7 +266,7 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
   at::parallel_for(0, bwd_task_count(rows, cols), 1, [&](int64_t task_begin, int64_t task_end) {
     // dw and db sum a block of rows: the task's first block straight into the task's partial sums, each later one
     // into block_sums (zero again after each block), then added to the partial sums. A task of at most kBlockRows
-    // rows (every task at widths of 1024 and up) thus never touches block_sums.
+    // rows (every task of a 2048 x 1024 input, say) thus never touches block_sums.
     std::vector<float> block_sums;
     for (int64_t task = task_begin; task < task_end; ++task) {
       float* dw_task = dweight_partial != nullptr ? dweight_partial + task * cols : nullptr;
