@@ -123,21 +123,23 @@ __global__ void __launch_bounds__(kFwdMaxTeam, 1)
       for (int j = 0; j < kWidth; ++j) v[k][j] = runs.inside(k) ? v[k][j] - row_mean : 0.f;
     }
   }
-  // sums[0] = sum(x - mean), the rounding error of the mean (large when |mean| >> std), sums[1] = sum((x - mean)^2).
-  float sums[2] = {0.f, 0.f};
+  // LayerNorm: sums[0] = sum(x - mean), the rounding error of the mean (large when |mean| >> std), sums[1] =
+  // sum((x - mean)^2). RMSNorm: sums[0] = sum(x^2) alone.
+  constexpr int kSquares = kIsRms ? 0 : 1;
+  float sums[kSquares + 1] = {};
 #pragma unroll
   for (int k = 0; k < kRuns; ++k) {
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
       if constexpr (!kIsRms) sums[0] += v[k][j];
-      sums[1] += v[k][j] * v[k][j];
+      sums[kSquares] += v[k][j] * v[k][j];
     }
   }
   team_reduce(sums, team, scratch, SumOp{});
   // The corrected two-pass algorithm, as in the streamed kernel: mean and variance about the corrected mean.
-  const float correction = sums[0] * inv_cols;
+  const float correction = kIsRms ? 0.f : sums[0] * inv_cols;
   row_mean += correction;
-  const float row_rstd = rsqrtf(fmaxf(sums[1] * inv_cols - correction * correction, 0.f) + eps);
+  const float row_rstd = rsqrtf(fmaxf(sums[kSquares] * inv_cols - correction * correction, 0.f) + eps);
 
   if (!row_exists) return;
   if (threadIdx.x % team == 0) {
@@ -181,8 +183,9 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     team_reduce(sum, kStreamThreads, scratch, SumOp{});
     shift = sum[0] * inv_cols;
   }
-  // Sums of d = x - shift and d^2; elements past the row read as `shift`, so d = 0 there.
-  float sums[2] = {0.f, 0.f};
+  // Sums of d = x - shift (LayerNorm only) and d^2; elements past the row read as `shift`, so d = 0 there.
+  constexpr int kSquares = kIsRms ? 0 : 1;
+  float sums[kSquares + 1] = {};
   for (int64_t first = 0; first < cols; first += kStreamTile) {
     const StreamRuns runs(first, cols, threadIdx.x, kStreamThreads);
     float v[kRuns][kWidth];
@@ -192,14 +195,14 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         const float d = v[k][j] - shift;
-        sums[0] += d;
-        sums[1] += d * d;
+        if constexpr (!kIsRms) sums[0] += d;
+        sums[kSquares] += d * d;
       }
     }
   }
   team_reduce(sums, kStreamThreads, scratch, SumOp{});
   float row_mean = 0.f;
-  float var = sums[1] * inv_cols;
+  float var = sums[kSquares] * inv_cols;
   if constexpr (!kIsRms) {
     // sum(x - shift) / N is the rounding error of the first pass's mean; var is the mean square about the
     // corrected mean, never below 0.
