@@ -230,17 +230,9 @@ class BwdRowSums {
   float g_xhat_tail_ = 0.f, g_sum_tail_ = 0.f;
 };
 
-// dx (or null), and the float32 partial column sums of dy*x_hat (dweight_partial) and dy (dbias_partial), one
-// row of `cols` per task, or null when not asked for.
-//
-// Each row is read twice: once for its sums (BwdRowSums), which every output needs, then for the outputs. x_hat is
-// recomputed rather than stored. A row's sums are formed in the loop that writes the previous row's outputs, so
-// that memory streams the next row in while the current one is re-read from cache, where a separate pass of sums
-// would leave the outputs' pass waiting on memory alone: 1024 x 8192 float32 LayerNorm 4.12 -> 3.18 ms, 4096 1.49 ->
-// 1.25 ms, 8192 bfloat16 1.94 -> 1.68 ms (as softmax's backward does, softmax.cpp).
-// sums += block, then block = 0 (block null: nothing asked for).
+// sums += block, then block = 0; nothing where block is sums itself (a task's first block, or null: not asked for).
 inline void add_block_sums(float* block, float* sums, int64_t cols) {
-  if (block == nullptr) return;
+  if (block == sums) return;
   at::vec::map2<float>([](FloatVec a, FloatVec b) { return a + b; }, sums, sums, block, cols);
   std::fill(block, block + cols, 0.f);
 }
@@ -252,6 +244,14 @@ inline void add_block_sums(float* block, float* sums, int64_t cols) {
 // LayerNorm's dbias 8192 x 768 1.3e-3 -> 3.1e-4 (5.3e-3).
 constexpr int64_t kBlockRows = 32;
 
+// dx (or null), and the float32 partial column sums of dy*x_hat (dweight_partial) and dy (dbias_partial), one
+// row of `cols` per task, or null when not asked for.
+//
+// Each row is read twice: once for its sums (BwdRowSums), which every output needs, then for the outputs. x_hat is
+// recomputed rather than stored. A row's sums are formed in the loop that writes the previous row's outputs, so
+// that memory streams the next row in while the current one is re-read from cache, where a separate pass of sums
+// would leave the outputs' pass waiting on memory alone: 1024 x 8192 float32 LayerNorm 4.12 -> 3.18 ms, 4096 1.49 ->
+// 1.25 ms, 8192 bfloat16 1.94 -> 1.68 ms (as softmax's backward does, softmax.cpp).
 template <bool kRms, typename T>
 void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stride, const float* weight,
               const float* mean, const float* rstd, T* dx, float* dweight_partial, float* dbias_partial, int64_t rows,
@@ -265,8 +265,8 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
   };
   at::parallel_for(0, bwd_task_count(rows, cols), 1, [&](int64_t task_begin, int64_t task_end) {
     // dw and db sum a block of rows: the task's first block straight into the task's partial sums, each later one
-    // into block_sums (zero again after each block), then added to the partial sums. A task of at most kBlockRows
-    // rows (every task of a 2048 x 1024 input, say) thus never touches block_sums.
+    // into block_sums (zero whenever unused), then added to the partial sums. A task of at most kBlockRows rows
+    // (every task of a 2048 x 1024 input, say) thus never touches block_sums.
     std::vector<float> block_sums;
     for (int64_t task = task_begin; task < task_end; ++task) {
       float* dw_task = dweight_partial != nullptr ? dweight_partial + task * cols : nullptr;
@@ -276,7 +276,6 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
       }
       float* dw = dw_task;
       float* db = db_task;
-      bool first_block = true;
       const int64_t row_begin = task * task_rows, row_end = std::min(rows, (task + 1) * task_rows);
       auto first = row_sums(row_begin);
       accumulate_row<kBwd>(first, cols);
@@ -327,14 +326,12 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
         std::tie(g_xhat_sum, g_sum) = next.totals();
         const bool block_ends = (r - row_begin) % kBlockRows == kBlockRows - 1 || r + 1 == row_end;
         if (block_ends && (dw != nullptr || db != nullptr)) {
-          if (first_block) {
-            first_block = false;
-            block_sums.assign(2 * cols, 0.f);
+          add_block_sums(dw, dw_task, cols);
+          add_block_sums(db, db_task, cols);
+          if (dw == dw_task && db == db_task && r + 1 < row_end) {  // the first block ends: the next sum apart
+            block_sums.resize(2 * cols);
             dw = dw_task != nullptr ? block_sums.data() : nullptr;
             db = db_task != nullptr ? block_sums.data() + cols : nullptr;
-          } else {
-            add_block_sums(dw, dw_task, cols);
-            add_block_sums(db, db_task, cols);
           }
         }
       }
