@@ -43,7 +43,7 @@ Tensor as_rows(const Tensor& x, int64_t col_dims) {
   for (int64_t d = 0; d < x.dim(); ++d) {
     (d < split ? rows : cols) *= sizes[d];
   }
-  if (x.dim() == 2 && (x.stride(1) == 1 || cols <= 1)) {
+  if (x.dim() == 2 && col_dims == 1 && (x.stride(1) == 1 || cols <= 1)) {
     return x;  // already the matrix: no view to make (each costs a dispatch and a TensorImpl)
   }
   Tensor matrix = x.reshape({rows, cols});
