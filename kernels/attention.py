@@ -34,6 +34,7 @@ the caller asks for TF32. The Triton interpreter computes bfloat16 dots wrongly,
 to the dot as float32 (the same values; their products are exact in float32 either way).
 """
 
+import functools
 import math
 import os
 
@@ -466,8 +467,8 @@ def _attn_bwd_dq_kernel(
 # and 3.9, read from the cubins' stack frames (benchmarks/attention_notes.md); CI checks the first of each list with
 # its triton (tests/kernels/compile_for_gpu.py). The backward lists end with 4-warp tiles that do spill (0.2 to
 # 1.2 kB of stack) yet ran the backward 1.2x (d = 64) to 2.6x (d = 128) faster on an H100, where the autotuner
-# picked them. On a GPU each kernel is autotuned over its list, keyed on the
-# head dims, causality, mask kind, dropout, packing and (implicitly) the dtypes; with LMRT_AUTOTUNE=0 it takes the
+# picked them. On a GPU each kernel is autotuned over its list, keyed on the head dims, causality, mask kind,
+# dropout, packing, (implicitly) the dtypes and the launch's size class (_tuned); with LMRT_AUTOTUNE=0 it takes the
 # first that fits the GPU's shared memory. The tables are sized for 16-bit inputs: float32 doubles every tile's
 # shared memory and can outgrow them all (at head dim 256, or on GPUs with less shared memory than sm_90), so
 # SMALL_CONFIGS, one small single-stage tile per kernel, closes every list for float32. The interpreter runs those
@@ -517,7 +518,20 @@ def _autotuned(name: str):
 
 
 _PLAIN = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
-_TUNED = {name: _autotuned(name) for name in _PLAIN}
+
+
+@functools.cache
+def _tuned(name: str, work: int, loop: int):
+    """Kernel `name` autotuned for the launches of one size class: `work`, the rows that its programs own in all,
+    and `loop`, the length of the other side that each program walks, both rounded up to powers of two.
+
+    Triton's autotuner keys on kernel arguments only, so a single autotuner kept the tile it chose on its first
+    launch for every later size. A grid too small to fill the GPU favours small tiles that are slow on one that
+    does, and a first launch is often small: the benchmarks check each case on one batch of two heads before timing
+    it, and a model may be run once on a short input first. An autotuner per size class tunes each class on its
+    own launches; the compiled kernels are shared (they are the JIT function's).
+    """
+    return _autotuned(name)
 
 
 # Without the autotuner: the configuration each launch variant took, the first of its list that fit the GPU.
@@ -529,12 +543,16 @@ def _use_autotuner(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("LMRT_AUTOTUNE", "1") != "0"
 
 
-def _launch(name: str, device: torch.device, grid_rows: int, grid_rest: tuple[int, int], *args, **constexprs):
-    """Launch kernel `name` over (blocks of `grid_rows` rows, *grid_rest): autotuned on a GPU; else, on a GPU, the
-    first configuration of its list that fits the GPU's shared memory, or the interpreter's small one."""
+def _launch(name: str, device: torch.device, grid_rows: int, grid_rest: tuple[int, int], loop_len: int, *args,
+            **constexprs):
+    """Launch kernel `name` over (blocks of `grid_rows` rows, *grid_rest), each program walking `loop_len` rows of
+    the other side: autotuned on a GPU; else, on a GPU, the first configuration of its list that fits the GPU's
+    shared memory, or the interpreter's small one."""
     row_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"  # the dK/dV kernel's programs own blocks of keys
     if _use_autotuner(device):
-        _TUNED[name][lambda meta: (triton.cdiv(grid_rows, meta[row_block]), *grid_rest)](*args, **constexprs)
+        work = triton.next_power_of_2(grid_rows * math.prod(grid_rest))
+        tuned = _tuned(name, work, triton.next_power_of_2(max(loop_len, 1)))
+        tuned[lambda meta: (triton.cdiv(grid_rows, meta[row_block]), *grid_rest)](*args, **constexprs)
         return
     key = (name, device, args[0].dtype, *constexprs.items())
     if device.type != "cuda":
@@ -616,7 +634,7 @@ def attention_fwd(
     mask, mask_strides, mask_kind = _mask_args(attn_mask)
     precision, upcast = _precision(q.dtype, q.device)
     _launch(
-        "fwd", q.device, max_seqlen_q, (n_heads, n_seqs),
+        "fwd", q.device, max_seqlen_q, (n_heads, n_seqs), max_seqlen_k,
         q, k, v, mask, out, lse, cu_seqlens_q, cu_seqlens_k, seed,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *mask_strides,
         *_strides3(out, varlen), 0 if varlen else lse.stride(0), lse.stride(1),
@@ -668,12 +686,12 @@ def attention_bwd(
     inputs = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *mask_strides,
               *_strides3(dout, varlen), *lse_strides)
     if keys:
-        _launch("dkdv", q.device, max_seqlen_k, (n_kv_heads, n_seqs),
+        _launch("dkdv", q.device, max_seqlen_k, (n_kv_heads, n_seqs), max_seqlen_q,
                 q, k, v, mask, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, seed,
                 *inputs, *_strides3(dk, varlen), *_strides3(dv, varlen), *sizes, **common)
     if rows:
         dmask_strides = (0, 0, 0) if dmask is None else dmask.stride()[:3]
-        _launch("dq", q.device, max_seqlen_q, (n_heads, n_seqs),
+        _launch("dq", q.device, max_seqlen_q, (n_heads, n_seqs), max_seqlen_k,
                 q, k, v, mask, dout, lse, delta, dq, dmask, cu_seqlens_q, cu_seqlens_k, seed,
                 *inputs, *_strides3(dq, varlen), *dmask_strides, *sizes, STORE_DMASK=mask_grad, **common)
     return dq, dk, dv, dmask
