@@ -257,7 +257,7 @@ bool read_mask(PyObject* obj, const Tensor& q, const Tensor& k, std::optional<Te
 }
 
 // attention(choice, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa): scale None is
-// 1/sqrt(head dim); only calls without dropout are served.
+// 1/sqrt(head dim), or 1 for head dim 0 (lmrt.reference.default_scale); only calls without dropout are served.
 PyObject* attention(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (!has_args(nargs, 9)) {
@@ -277,7 +277,7 @@ PyObject* attention(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
     Py_RETURN_NONE;
   }
   if (args[7] == Py_None) {
-    scale = 1.0 / std::sqrt(static_cast<double>(q->size(3)));
+    scale = q->size(3) > 0 ? 1.0 / std::sqrt(static_cast<double>(q->size(3))) : 1.0;
   }
   const bool causal = args[6] == Py_True;
   static const auto op =

@@ -70,7 +70,7 @@ def scaled_dot_product_attention(
     mask = None
     if attn_mask is not None:
         mask = broadcast_mask(op, attn_mask, (*batch_shape, n_heads, rows, keys))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     out, _ = torch.ops.lmrt.attention_fwd(q, k, v, mask, None, None, rows, keys, float(dropout_p),
                                           draw_seed(q.device, dropout_p), bool(is_causal), False, scale, True)
     return out.reshape(*batch_shape, n_heads, rows, v.shape[-1]) if query.dim() >= 3 else out.reshape(rows, -1)

@@ -6,11 +6,10 @@ layouts are passed to the kernels as transposed views: nothing is copied, and th
 (batch, seq, heads, dim) layout.
 """
 
-import math
-
 import torch
 from torch import Tensor
 
+from lmrt import reference
 from lmrt.ops.attention import check_attention_inputs, check_dropout_p, draw_seed
 
 
@@ -76,4 +75,4 @@ def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _scale(q: Tensor, softmax_scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return reference.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)

@@ -14,6 +14,7 @@ from lmrt.reference.attention import (
     attention,
     attention_bwd,
     attention_fwd,
+    default_scale,
     dropout_keep_mask,
     flash_attn_func,
     flash_attn_varlen_func,
@@ -24,7 +25,8 @@ from lmrt.reference.rms_norm import rms_norm, rms_norm_bwd, rms_norm_fwd
 from lmrt.reference.softmax import log_softmax, softmax, softmax_bwd, softmax_fwd
 
 __all__ = [
-    "attention", "attention_bwd", "attention_fwd", "compute_dtype", "dropout_keep_mask", "flash_attn_func",
+    "attention", "attention_bwd", "attention_fwd", "compute_dtype", "default_scale", "dropout_keep_mask",
+    "flash_attn_func",
     "flash_attn_varlen_func", "layer_norm", "layer_norm_bwd", "layer_norm_fwd", "log_softmax", "rms_norm",
     "rms_norm_bwd", "rms_norm_fwd", "scaled_dot_product_attention", "softmax", "softmax_bwd", "softmax_fwd",
 ]

@@ -167,11 +167,17 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k
 # Differentiable forms with the public call signatures. Dropout, when `dropout_p` > 0, applies `dropout_mask`
 # (boolean, True = keep, broadcast like the scores) if given, else a fresh Bernoulli mask.
 
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(head_dim), PyTorch's default; 1 for head dim 0, whose scores are 0 whatever the scale (PyTorch then
+    attends uniformly too)."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, bottom_right=False,
               dropout_mask=None):
     """softmax(scale * q k^T + mask) v over (..., heads, rows, dim) tensors; key/value heads may divide the query
     heads (grouped-query attention). A row that sees no key gives zeros."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     dtype = compute_dtype(q.dtype)
     s = _scores(q, k, attn_mask, is_causal, bottom_right, scale, dtype)
     empty = (s == -math.inf).all(-1, keepdim=True)

@@ -32,7 +32,7 @@ GPU_SHAPES = [(2, 4, 4, 1023, 1024, 64), (1, 8, 2, 1024, 1023, 128), (2, 4, 1, 1
 def attention_in_dtype(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, bottom_right=False,
                        dropout_mask=None):
     """PyTorch's computation in the inputs' dtype: q k^T and p v as matmuls in the dtype, softmax in float32."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = reference.default_scale(q.shape[-1]) if scale is None else scale
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
     s = ((q @ k.transpose(-1, -2)) * scale).float()
@@ -343,6 +343,16 @@ def test_empty_sequences(rows, keys, backend):
     assert out.shape == (2, 2, rows, 16) and torch.equal(out, torch.zeros_like(out))
     for t in (q, k, v):
         assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_head_dim_attends_uniformly(backend):
+    """With head dim 0 every score is 0, so each query averages the values, as in PyTorch (whose default scale,
+    1/sqrt(0), would otherwise make the scores 0 * inf)."""
+    q, k = torch.randn(2, 3, 5, 0, device=DEVICE), torch.randn(2, 3, 7, 0, device=DEVICE)
+    v = torch.randn(2, 3, 7, 4, device=DEVICE)
+    for is_causal in (False, True):
+        _check_sdpa(backend, q, k, v, is_causal=is_causal)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

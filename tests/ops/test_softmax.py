@@ -92,6 +92,10 @@ def test_empty_and_scalar_inputs(backend):
         x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
         lmrt.ops.softmax(x, -1).sum().backward()
         assert x.grad.shape == (0, 5)
+        for dim in (0, 1):  # over the empty dim too, as F.softmax does
+            y = torch.randn(3, 0, 4, device=DEVICE, requires_grad=True)
+            lmrt.ops.log_softmax(y, dim).sum().backward()
+            assert lmrt.ops.softmax(y, dim).shape == (3, 0, 4) and y.grad.shape == (3, 0, 4)
         scalar = torch.tensor(3.0, device=DEVICE)
         torch.testing.assert_close(lmrt.ops.softmax(scalar, 0), F.softmax(scalar, 0))
         torch.testing.assert_close(lmrt.ops.log_softmax(scalar, -1), F.log_softmax(scalar, -1))
