@@ -26,7 +26,7 @@ from lmrt.reference.softmax import log_softmax, softmax, softmax_bwd, softmax_fw
 
 __all__ = [
     "attention", "attention_bwd", "attention_fwd", "compute_dtype", "default_scale", "dropout_keep_mask",
-    "flash_attn_func",
-    "flash_attn_varlen_func", "layer_norm", "layer_norm_bwd", "layer_norm_fwd", "log_softmax", "rms_norm",
-    "rms_norm_bwd", "rms_norm_fwd", "scaled_dot_product_attention", "softmax", "softmax_bwd", "softmax_fwd",
+    "flash_attn_func", "flash_attn_varlen_func", "layer_norm", "layer_norm_bwd", "layer_norm_fwd", "log_softmax",
+    "rms_norm", "rms_norm_bwd", "rms_norm_fwd", "scaled_dot_product_attention", "softmax", "softmax_bwd",
+    "softmax_fwd",
 ]

@@ -164,14 +164,14 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k
     return dq, dk, dv, None
 
 
-# Differentiable forms with the public call signatures. Dropout, when `dropout_p` > 0, applies `dropout_mask`
-# (boolean, True = keep, broadcast like the scores) if given, else a fresh Bernoulli mask.
-
 def default_scale(head_dim: int) -> float:
     """1 / sqrt(head_dim), PyTorch's default; 1 for head dim 0, whose scores are 0 whatever the scale (PyTorch then
     attends uniformly too)."""
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
+
+# Differentiable forms with the public call signatures. Dropout, when `dropout_p` > 0, applies `dropout_mask`
+# (boolean, True = keep, broadcast like the scores) if given, else a fresh Bernoulli mask.
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, bottom_right=False,
               dropout_mask=None):
