@@ -379,10 +379,14 @@ def device_name(device: torch.device) -> str:
 
 
 def device_folder(device_type: str, name: str) -> str:
-    """The results folder of a device: "cpu" for a CPU, else the GPU's model in lower case ("NVIDIA H100 80GB
-    HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx4090")."""
+    """The results folder of a device: for a GPU its model in lower case ("NVIDIA H100 80GB HBM3" -> "h100",
+    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx4090"); for a CPU "cpu-" and its family
+    ("Intel(R) Xeon(R) Processor" -> "cpu-xeon", "AMD EPYC 7763 64-Core Processor" -> "cpu-epyc"; "cpu" when the
+    name gives none), since the CPU kernels' speed differs with the vector instructions (AMX, AVX-512, AVX2)."""
     if device_type == "cpu":
-        return "cpu"
+        words = [re.sub(r"\((r|tm)\)", "", word.lower()) for word in re.split(r"[\s_-]+", name)]
+        family = next((w for w in words if w.isalnum() and w not in ("intel", "amd", "genuine", "processor")), "")
+        return f"cpu-{family}" if family else "cpu"
     model = []
     for word in re.split(r"[\s_-]+", name):
         if word.lower() in ("nvidia", "geforce", "tesla", "quadro", ""):

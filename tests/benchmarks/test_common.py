@@ -14,7 +14,14 @@ from benchmarks import common
 ])
 def test_device_folder(name, folder):
     assert common.device_folder("cuda", name) == folder
-    assert common.device_folder("cpu", "Intel(R) Xeon(R) Processor") == "cpu"
+
+
+@pytest.mark.parametrize("name,folder", [
+    ("Intel(R) Xeon(R) Processor", "cpu-xeon"), ("AMD EPYC", "cpu-epyc"),
+    ("AMD EPYC 7763 64-Core Processor", "cpu-epyc"), ("Intel(R) Core(TM) i9-13900K", "cpu-core"), ("", "cpu"),
+])
+def test_cpu_folder_names_the_family(name, folder):
+    assert common.device_folder("cpu", name) == folder
 
 
 def test_time_ratios_to_each_pytorch_provider():

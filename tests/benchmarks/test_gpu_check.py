@@ -4,6 +4,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+import torch
+
+from benchmarks import common
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,7 +23,7 @@ def test_gpu_check_runs_a_quick_benchmark_and_bundles_it(tmp_path):
     assert "lmrt 0.1.0" in summary and "exit status 0" in summary
     with tarfile.open(out / "gpu_check.tar.gz") as bundle:
         names = {name.removeprefix("./") for name in bundle.getnames()}
-    device = "cpu" if "no CUDA GPU here" in summary else None
-    if device:  # on a GPU machine the folder is the GPU's name
-        assert {f"results/cpu/bench_softmax.{kind}" for kind in ("json", "csv", "png")} <= names, names
+    if "no CUDA GPU here" in summary:  # on a GPU machine the folder is the GPU's name
+        folder = common.device_folder("cpu", common.device_name(torch.device("cpu")))
+        assert {f"results/{folder}/bench_softmax.{kind}" for kind in ("json", "csv", "png")} <= names, names
     assert {"BENCHMARKS.md", "logs/benchmarks.log", "summary.log"} <= names, names
