@@ -35,8 +35,9 @@ def assert_within_torch_error(name: str, result: torch.Tensor, torch_result: tor
     scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
     bound = factor * max_error(torch_result, exact) + (4 * ULP_AT_ONE[result.dtype] + floor) * scale
     error = max_error(result, exact)
+    extra = f" and {floor:.3g} relative" if floor else ""
     assert error <= bound, (f"{name}: max error {error:.3g} exceeds {bound:.3g} ({factor:g}x PyTorch's own error "
-                            f"{max_error(torch_result, exact):.3g} plus 4 ulps)")
+                            f"{max_error(torch_result, exact):.3g} plus 4 ulps{extra})")
 
 
 def attention_grad_floor(q: torch.Tensor, k: torch.Tensor, scale: float, attn_mask: torch.Tensor | None = None):
