@@ -40,16 +40,20 @@ def assert_within_torch_error(name: str, result: torch.Tensor, torch_result: tor
                             f"{max_error(torch_result, exact):.3g} plus 4 ulps{extra})")
 
 
-def attention_grad_floor(q: torch.Tensor, k: torch.Tensor, scale: float, attn_mask: torch.Tensor | None = None):
+def attention_grad_floor(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                         attn_mask: torch.Tensor | None = None):
     """The extra relative error flash attention's gradients may carry: the backward recomputes each probability as
     exp(s - lse) from the float32 log-sum-exp the forward saved, so the exponent carries lse's roundings (the
     forward's sum, a change of base, the product s = scale q.k where no fused multiply-add takes it, as under the
     Triton interpreter), each up to |lse| 2^-24, and every probability is off by that relative amount. PyTorch's
     softmax subtracts the row max first and has no such term. Allowed: four float32 ulps of a bound on |lse|,
-    max |s| + log(keys), with s = scale q.k^T (plus an additive mask); q and k are (..., heads, length, dim), k's
-    heads a divisor of q's."""
+    max |s| + log(keys), with s = scale q.k^T (scale by default PyTorch's, plus an additive mask); q and k are
+    (..., heads, length, dim), k's heads a divisor of q's."""
+    from lmrt import reference
+
     if q.numel() == 0 or k.numel() == 0:
         return 0.0
+    scale = reference.default_scale(q.shape[-1]) if scale is None else scale
     group = q.shape[-3] // k.shape[-3]
     scores = (q.double() @ k.double().repeat_interleave(group, -3).transpose(-1, -2)) * scale
     if attn_mask is not None and attn_mask.is_floating_point():
@@ -79,10 +83,8 @@ def check_against_torch(fn, torch_fn, exact_fn, tensors, grad_output, names, gra
     exact = forward_backward(exact_fn, [t.double() if _differentiable(t) else t for t in tensors], grad_output.double())
     labels = ["output"] + [f"grad_{name}" for name, t in zip(names, tensors, strict=True) if _differentiable(t)]
     for label, result, torch_result, exact_result in zip(labels, results, torch_results, exact, strict=True):
-        if label == "output":
-            assert_within_torch_error(label, result, torch_result, exact_result)
-        else:
-            assert_within_torch_error(label, result, torch_result, exact_result, grad_factor, grad_floor)
+        factor, floor = (2.0, 0.0) if label == "output" else (grad_factor, grad_floor)
+        assert_within_torch_error(label, result, torch_result, exact_result, factor, floor)
 
 
 def check_compiled_matches_eager(step, tensors):

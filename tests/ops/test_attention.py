@@ -65,11 +65,6 @@ def _qkv(batch, heads, kv_heads, rows, keys, head_dim, dtype, head_dim_v=None, s
             randn(batch, kv_heads, keys, head_dim_v or head_dim))
 
 
-def _grad_floor(q, k, scale=None, attn_mask=None):
-    """attention_grad_floor for (batch, heads, length, dim) inputs at `scale` (default: PyTorch's)."""
-    return attention_grad_floor(q, k, reference.default_scale(q.shape[-1]) if scale is None else scale, attn_mask)
-
-
 def _skip_without_full_attention(backend, feature):
     if backend in EXTENSION_BACKENDS:
         pytest.skip(f"the {backend} backend has no {feature} (test_extension_backends_refuse_what_they_lack)")
@@ -100,7 +95,7 @@ def _check_sdpa(backend, q, k, v, attn_mask=None, **kwargs):
 
     grad_out = torch.randn(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
     tensors, names = [q, k, v, attn_mask], ["query", "key", "value", "attn_mask"]
-    floor = _grad_floor(q, k, kwargs.get("scale"), attn_mask)
+    floor = attention_grad_floor(q, k, kwargs.get("scale"), attn_mask)
     with lmrt.backend(backend):
         check_against_torch(lmrt_fn, torch_fn, exact_fn, tensors[:3] if constant_mask else tensors, grad_out,
                             names[:3] if constant_mask else names, grad_factor=3.0, grad_floor=floor)
@@ -152,7 +147,7 @@ def test_flash_attn_func_bottom_right(rows, keys, dtype, causal, backend):
                             lambda q, k, v: flash_attn_in_dtype(q, k, v, causal=causal),
                             lambda q, k, v: reference.flash_attn_func(q, k, v, causal=causal),
                             [q, k, v], torch.randn_like(q), ["q", "k", "v"], grad_factor=3.0,
-                            grad_floor=_grad_floor(q.transpose(1, 2), k.transpose(1, 2)))
+                            grad_floor=attention_grad_floor(q.transpose(1, 2), k.transpose(1, 2)))
     assert lmrt.ops.flash_attn_func(q, k, v).is_contiguous()  # (batch, L, heads, dim), as flash-attn returns
 
 
@@ -185,7 +180,7 @@ def test_flash_attn_varlen_func(dtype, causal, backend):
                             torch_fn,
                             lambda q, k, v: reference.flash_attn_varlen_func(q, k, v, *packed, causal=causal),
                             [q, k, v], torch.randn_like(q), ["q", "k", "v"], grad_factor=3.0,
-                            grad_floor=_grad_floor(q.transpose(0, 1), k.transpose(0, 1)))
+                            grad_floor=attention_grad_floor(q.transpose(0, 1), k.transpose(0, 1)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -278,7 +273,7 @@ def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
 
     with lmrt.backend(backend):
         check_against_torch(lmrt_fn, torch_fn, exact_fn, [q, k, v], torch.randn_like(q), ["query", "key", "value"],
-                            grad_factor=3.0, grad_floor=_grad_floor(q, k))
+                            grad_factor=3.0, grad_floor=attention_grad_floor(q, k))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -568,7 +563,7 @@ def test_packed_dropout_matches_reference_with_the_same_mask(backend):
 
     with lmrt.backend(backend):
         check_against_torch(lmrt_fn, exact_fn, exact_fn, [q, k, v], torch.randn_like(q), ["q", "k", "v"],
-                            grad_floor=_grad_floor(q.transpose(0, 1), k.transpose(0, 1)))
+                            grad_floor=attention_grad_floor(q.transpose(0, 1), k.transpose(0, 1)))
 
 
 def test_dropout_under_compile_is_reproducible():
