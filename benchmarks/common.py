@@ -10,6 +10,7 @@ import ctypes
 import dataclasses
 import importlib.metadata
 import json
+import math
 import platform
 import re
 import subprocess
@@ -99,9 +100,10 @@ def cpu_timer(budget_s: float, warmup: int = 2, min_reps: int = 5, max_reps: int
     over seconds (other tenants, frequency), and timing one job after another put each job on its own stretch of
     that drift, which made equal kernels differ by more than the differences measured. The untimed calls (a
     quarter of the round's share, at least one) keep a job's figures free of the caches' state the job before it
-    left. A job whose warm call takes over `apart` times the fastest job's (the naive reference, say) is timed on
-    its own after the others: it streams so many more bytes that the next job's calls stayed slow for several
-    calls after it (the first softmax backward after the naive one's took 1.5 times as long as the fifth)."""
+    left. A job whose quickest warm-up call (the quickest: one call can stall on a busy host) takes over `apart`
+    times the fastest job's (the naive reference, say) is timed on its own after the others: it streams so many
+    more bytes that the next job's calls stayed slow for several calls after it (the first softmax backward after
+    the naive one's took 1.5 times as long as the fifth)."""
 
     def bench(jobs: Sequence[Job]) -> list[Timing | Exception]:
         timings: list[Timing | Exception | None] = [None] * len(jobs)
@@ -115,7 +117,7 @@ def cpu_timer(budget_s: float, warmup: int = 2, min_reps: int = 5, max_reps: int
                         reset_grads(job.leaves)
                         start = time.perf_counter()
                         calls[index]()
-                        warm_s[index] = time.perf_counter() - start
+                        warm_s[index] = min(time.perf_counter() - start, warm_s.get(index, math.inf))
             except Exception as error:  # one provider's failure is its row's result, not the end of the run
                 timings[index] = error
                 calls.pop(index, None)
