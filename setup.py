@@ -14,6 +14,7 @@ A failed or skipped build leaves a package that imports and runs on its other ba
 """
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -77,7 +78,16 @@ def _extension_build():
         return [], {}
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """Builds lmrt._C, or warns and leaves it out when the compile fails: lmrt works without it."""
+        """Builds lmrt._C, or warns and leaves it out when the compile fails: lmrt works without it.
+
+        Its objects go to build/temp.<platform>-<python> in the source tree in every kind of install: an editable
+        install's own temporary folder would be thrown away, so that the next install, editable or a wheel,
+        recompiled every source (two minutes on 2 cores) instead of letting ninja redo only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            build = self.get_finalized_command("build")
+            self.build_temp = str(ROOT / build.build_base / f"temp.{build.plat_name}-{sys.implementation.cache_tag}")
 
         def build_extension(self, ext):
             try:
