@@ -110,9 +110,10 @@ def test_sdpa_matches_reference(shape, dtype, causal, backend):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_sdpa_1023_queries_against_1024_keys(causal):
-    """Lengths one short of a block multiple, on every device (about 20 s each on the interpreter)."""
-    _check_sdpa("triton", *_qkv(1, 1, 1, 1023, 1024, 64, torch.float16), is_causal=causal)
+def test_sdpa_511_queries_against_512_keys(causal):
+    """Lengths one short of a block multiple, over several blocks of queries and keys, on every device (10-15 s on the
+    interpreter; GPU_SHAPES has 1023 against 1024)."""
+    _check_sdpa("triton", *_qkv(1, 1, 1, 511, 512, 64, torch.float16), is_causal=causal)
 
 
 @pytest.mark.parametrize("backend", _backends_among(("cpp",)))
