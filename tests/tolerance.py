@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from lmrt import reference
+
 ULP_AT_ONE = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 2.0**-52}
 
 
@@ -49,8 +51,6 @@ def attention_grad_floor(q: torch.Tensor, k: torch.Tensor, scale: float | None =
     softmax subtracts the row max first and has no such term. Allowed: four float32 ulps of a bound on |lse|,
     max |s| + log(keys), with s = scale q.k^T (scale by default PyTorch's, plus an additive mask); q and k are
     (..., heads, length, dim), k's heads a divisor of q's."""
-    from lmrt import reference
-
     if q.numel() == 0 or k.numel() == 0:
         return 0.0
     scale = reference.default_scale(q.shape[-1]) if scale is None else scale

@@ -72,20 +72,19 @@ def compile_source(nvcc, tmp_path_factory):
     stay apart (attention.cu takes 40 s per architecture on one core)."""
     build_dir = tmp_path_factory.mktemp("csrc_cuda")
 
-    def command(source: Path, arch: str) -> list[str]:
+    def compile_for(source: Path, arch: str) -> Compiled:
+        obj = build_dir / f"{source.stem}.{arch}.o"
         # -gencode with the one real architecture: -arch=sm_90a would also run the front end for compute_90 PTX.
         virtual = arch.replace("sm_", "compute_")
-        return [nvcc, "-O3", "-std=c++17", f"-gencode=arch={virtual},code={arch}", "-Xptxas", "-v",
-                *TORCH_NVCC_FLAGS, f"-I{CUDA_DIR}", "-c", str(source), "-o", str(build_dir / f"{source.stem}.{arch}.o")]
-
-    def run(source: Path, arch: str) -> Compiled:
-        result = subprocess.run(command(source, arch), capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-        return Compiled(result.returncode, result.stdout + result.stderr, build_dir / f"{source.stem}.{arch}.o")
+        command = [nvcc, "-O3", "-std=c++17", f"-gencode=arch={virtual},code={arch}", "-Xptxas", "-v",
+                   *TORCH_NVCC_FLAGS, f"-I{CUDA_DIR}", "-c", str(source), "-o", str(obj)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        return Compiled(result.returncode, result.stdout + result.stderr, obj)
 
     @functools.cache
     def compile_all_archs(source: Path) -> dict[str, Compiled]:
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(ARCHS)) as pool:
-            return dict(zip(ARCHS, pool.map(functools.partial(run, source), ARCHS), strict=True))
+            return dict(zip(ARCHS, pool.map(functools.partial(compile_for, source), ARCHS), strict=True))
 
     return lambda source, arch: compile_all_archs(source)[arch]
 
