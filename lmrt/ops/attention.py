@@ -54,6 +54,7 @@ def scaled_dot_product_attention(
     except RuntimeError:
         raise ValueError(f"lmrt.ops.{op}: the batch dims of `query` {list(query.shape)}, `key` {list(key.shape)} "
                          f"and `value` {list(value.shape)} must broadcast") from None
+    k, v = _same_kv_heads(op, k, v, enable_gqa)
     n_heads, n_kv_heads = q.shape[-3], k.shape[-3]
     if n_kv_heads != n_heads:
         if n_heads == 1 and not enable_gqa:
@@ -74,6 +75,27 @@ def scaled_dot_product_attention(
     out, _ = torch.ops.lmrt.attention_fwd(q, k, v, mask, None, None, rows, keys, float(dropout_p),
                                           draw_seed(q.device, dropout_p), bool(is_causal), False, scale, True)
     return out.reshape(*batch_shape, n_heads, rows, v.shape[-1]) if query.dim() >= 3 else out.reshape(rows, -1)
+
+
+def _same_kv_heads(op: str, k: Tensor, v: Tensor, enable_gqa: bool) -> tuple[Tensor, Tensor]:
+    """`key` and `value` with as many heads as each other, as the kernels take them: a single head broadcast (a
+    view), or under `enable_gqa` the fewer heads repeated to the other's count (PyTorch repeats each to the
+    query's; repeating to the other's first gives every query head the same key and value heads)."""
+    n_k, n_v = k.shape[-3], v.shape[-3]
+    if n_k == n_v:
+        return k, v
+    fewer, more = sorted((n_k, n_v))
+    if fewer == 0 or more % fewer or not (fewer == 1 or enable_gqa):
+        need = "a divisor of the other's count" if enable_gqa else "1 (or pass enable_gqa=True for a divisor)"
+        raise ValueError(f"lmrt.ops.{op}: `key` has {n_k} heads and `value` {n_v}; where they differ, the fewer must "
+                         f"be {need}")
+
+    def repeat(t: Tensor) -> Tensor:
+        # Each head repeated in place, (h0, h0, h1, h1, ...), as repeat_interleave; a view when t has one head.
+        grown = t.unsqueeze(-3).expand(*t.shape[:-2], more // fewer, *t.shape[-2:])
+        return grown.reshape(*t.shape[:-3], more, *t.shape[-2:])
+
+    return (repeat(k), v) if n_k < n_v else (k, repeat(v))
 
 
 def check_attention_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, keys_dim: int, ndim: int | None = None) -> None:

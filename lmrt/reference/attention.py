@@ -2,7 +2,7 @@
 
 `attention_fwd` and `attention_bwd` follow the kernels' contract on the canonical (batch, heads, rows, dim)
 layout: the forward returns the output and the row log-sum-exp (+inf for a row that sees no key), and the
-backward recomputes the probabilities from it. `attention`, `scaled_dot_product_attention`, `flash_attn_func`
+backward recomputes the probabilities (from the scores, as exactly as the forward did: the dense form has them). `attention`, `scaled_dot_product_attention`, `flash_attn_func`
 and `flash_attn_varlen_func` are plain differentiable functions with the public call signatures.
 
 Dropout draws the same Philox 4x32-10 stream as the Triton kernels (`tl.rand`): the keep mask of element
@@ -80,6 +80,14 @@ def _scores(q, k, attn_mask, causal, bottom_right, scale, dtype):
     return s if visible is None else s.masked_fill(~visible, -math.inf)
 
 
+def _probabilities(s: torch.Tensor) -> torch.Tensor:
+    """softmax(s) over the keys as torch.softmax computes it, exp(s - max) / sum, and 0 in a row that sees no key.
+    exp(s - lse) would carry the rounding of lse (float32's for the kernels' saved one), an ulp of the largest
+    score: 6e-5 relative at scores near 1000."""
+    empty = (s == -math.inf).all(-1, keepdim=True)
+    return torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+
+
 def _repeat_heads(t: torch.Tensor, n_heads: int, dtype) -> torch.Tensor:
     return t.to(dtype).repeat_interleave(n_heads // t.shape[-3], dim=-3)
 
@@ -94,17 +102,17 @@ def _dense_fwd(q, k, v, attn_mask, keep, causal, bottom_right, scale, dropout_p)
     dtype = compute_dtype(q.dtype)
     s = _scores(q, k, attn_mask, causal, bottom_right, scale, dtype)
     lse = torch.logsumexp(s, -1)
-    lse = lse.masked_fill(lse == -math.inf, math.inf)  # a row that sees no key: p = exp(-inf - inf) = 0
-    p = torch.exp(s - lse[..., None])
+    lse = lse.masked_fill(lse == -math.inf, math.inf)  # a row that sees no key: the kernels' exp(s - lse) is 0
+    p = _probabilities(s)
     if keep is not None:
         p = p * keep / (1 - dropout_p)
     return (p @ _repeat_heads(v, q.shape[-3], dtype)).to(q.dtype), lse.to(torch.float32)
 
 
-def _dense_bwd(dout, q, k, v, out, lse, attn_mask, keep, causal, bottom_right, scale, dropout_p):
+def _dense_bwd(dout, q, k, v, out, attn_mask, keep, causal, bottom_right, scale, dropout_p):
     dtype = compute_dtype(q.dtype)
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
-    p = torch.exp(_scores(q, k, attn_mask, causal, bottom_right, scale, dtype) - lse[..., None].to(dtype))
+    p = _probabilities(_scores(q, k, attn_mask, causal, bottom_right, scale, dtype))
     do = dout.to(dtype)
     dp = do @ _repeat_heads(v, n_heads, dtype).transpose(-1, -2)
     p_dropped = p
@@ -150,17 +158,18 @@ def attention_fwd(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
 def attention_bwd(dout, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   dropout_p, seed, causal, bottom_right, scale):
-    """(dq, dk, dv, d scores): the gradients of `attention_fwd`, the last one float32 (batch, Hq, Lq, Lk)."""
+    """(dq, dk, dv, d scores): the gradients of `attention_fwd`, the last one float32 (batch, Hq, Lq, Lk). `lse` is
+    the kernels' contract; this dense form recomputes the probabilities from the scores instead, exactly."""
     if cu_seqlens_q is None:
         keep = _keep_mask(seed, dropout_p, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
-        return _dense_bwd(dout, q, k, v, out, lse, attn_mask, keep, causal, bottom_right, scale, dropout_p)
+        return _dense_bwd(dout, q, k, v, out, attn_mask, keep, causal, bottom_right, scale, dropout_p)
     keep = _keep_mask(seed, dropout_p, cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k, q.device)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i, rows, keys in _sequences(cu_seqlens_q, cu_seqlens_k):
         seq_keep = None if keep is None else keep[i : i + 1, :, : rows.stop - rows.start, : keys.stop - keys.start]
         dq[:, :, rows], dk[:, :, keys], dv[:, :, keys], _ = _dense_bwd(
-            dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows], lse[:, :, rows], None,
-            seq_keep, causal, bottom_right, scale, dropout_p)
+            dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows], None, seq_keep, causal,
+            bottom_right, scale, dropout_p)
     return dq, dk, dv, None
 
 
@@ -180,8 +189,7 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     scale = default_scale(q.shape[-1]) if scale is None else scale
     dtype = compute_dtype(q.dtype)
     s = _scores(q, k, attn_mask, is_causal, bottom_right, scale, dtype)
-    empty = (s == -math.inf).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    p = _probabilities(s)
     if dropout_p > 0:
         keep = torch.rand_like(p) >= dropout_p if dropout_mask is None else dropout_mask
         p = p * keep / (1 - dropout_p)
@@ -191,9 +199,10 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, dropout_mask=None):
     """F.scaled_dot_product_attention's semantics (top-left causal alignment); fully masked rows give zeros."""
-    if not enable_gqa and key.shape[-3] != query.shape[-3] and key.dim() >= 3:
-        key, value = key.expand(*key.shape[:-3], query.shape[-3], *key.shape[-2:]), \
-            value.expand(*value.shape[:-3], query.shape[-3], *value.shape[-2:])
+    if not enable_gqa and min(t.dim() for t in (query, key, value)) >= 3:
+        # The heads dim is a batch dim: the three broadcast together.
+        heads = torch.broadcast_shapes(*(t.shape[-3:-2] for t in (query, key, value)))
+        query, key, value = (t.expand(*t.shape[:-3], *heads, *t.shape[-2:]) for t in (query, key, value))
     return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, dropout_mask=dropout_mask)
 
 

@@ -20,7 +20,13 @@ from lmrt import backends, reference
 from lmrt.ops._dispatch import extension_ops
 from lmrt.ops.attention import draw_seed
 from tests.conftest import BACKENDS, DEVICE, DTYPES, EXTENSION_BACKENDS
-from tests.tolerance import attention_grad_floor, check_against_torch, check_compiled_matches_eager
+from tests.tolerance import (
+    assert_within_torch_error,
+    attention_grad_floor,
+    check_against_torch,
+    check_compiled_matches_eager,
+    forward_backward,
+)
 
 # (batch, query heads, key/value heads, Lq, Lk, head dim): lengths that are no multiple of a block, query and
 # key lengths that differ both ways, head dims that are no power of two, grouped- and multi-query heads.
@@ -328,6 +334,58 @@ def test_sdpa_shapes_and_broadcasting(backend):
         with lmrt.backend(backend):
             out = lmrt.ops.scaled_dot_product_attention(q, k, v)
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads,gqa", [((4, 1, 4), False), ((4, 4, 1), False), ((1, 1, 4), False),
+                                       ((8, 2, 4), True), ((8, 4, 1), True)], ids=str)
+def test_key_and_value_head_counts_may_differ(heads, gqa, backend):
+    """As F.sdpa: one key or value head broadcasts over the other's (the heads dim is a batch dim), and under
+    enable_gqa each of key and value repeats to the query's heads. Forward and every gradient in float64."""
+    n_q, n_k, n_v = heads
+    q, k, v = (torch.randn(2, n, length, 16, device=DEVICE) for n, length in ((n_q, 9), (n_k, 13), (n_v, 13)))
+    grad_out = torch.randn(2, max(heads), 9, 16, device=DEVICE)
+    with lmrt.backend(backend):
+        got = forward_backward(lambda *t: lmrt.ops.scaled_dot_product_attention(*t, enable_gqa=gqa), (q, k, v),
+                               grad_out)
+    exact = forward_backward(lambda *t: F.scaled_dot_product_attention(*t, enable_gqa=gqa),
+                             [t.double() for t in (q, k, v)], grad_out.double())
+    for name, result, expected in zip(["output", "query", "key", "value"], got, exact, strict=True):
+        torch.testing.assert_close(result, expected.float(), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_float64_is_float64_accurate_and_large_scores_float32_accurate():
+    """Float64 (served by the reference on every device) as exact as F.sdpa's float64, gradients included: the
+    reference's backward recomputes the softmax rather than exp(s - lse) from the float32 lse the kernels' contract
+    keeps. And on the torch backend in float32, scores near 1000 as accurate as F.sdpa's max-subtracted softmax."""
+    q, k, v = (torch.randn(1, 2, n, 8, device=DEVICE, dtype=torch.float64) for n in (6, 7, 7))
+    grad_out = torch.randn(1, 2, 6, 8, device=DEVICE, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the default backends' one-time fallback warning for float64
+        got = forward_backward(lambda *t: lmrt.ops.scaled_dot_product_attention(*t, scale=3.0), (q, k, v), grad_out)
+    exact = forward_backward(lambda *t: F.scaled_dot_product_attention(*t, scale=3.0), (q, k, v), grad_out)
+    for name, result, expected in zip(["output", "query", "key", "value"], got, exact, strict=True):
+        torch.testing.assert_close(result, expected, atol=1e-12, rtol=1e-12, msg=name)
+
+    q, k, v = (t.float() for t in (q, k, v))
+    with lmrt.backend("torch"):
+        got = forward_backward(lambda *t: lmrt.ops.scaled_dot_product_attention(*t, scale=40.0), (q, k, v),
+                               grad_out.float())
+    exact = forward_backward(lambda *t: F.scaled_dot_product_attention(*t, scale=40.0),
+                             [t.double() for t in (q, k, v)], grad_out)
+    in_dtype = forward_backward(lambda *t: F.scaled_dot_product_attention(*t, scale=40.0), (q, k, v),
+                                grad_out.float())
+    for name, result, torch_result, expected in zip(["output", "query", "key", "value"], got, in_dtype, exact,
+                                                    strict=True):
+        # 3x, as attention's gradients elsewhere: at |s| in the hundreds the scores' own rounding (an ulp, 3e-5)
+        # dominates, and q.k summed in another order rounds differently. exp(s - lse) was 10-20x off.
+        assert_within_torch_error(name, result, torch_result, expected, factor=3.0)
+
+
+def test_key_and_value_heads_that_do_not_broadcast_are_refused():
+    q, k, v = (torch.randn(1, n, 5, 8, device=DEVICE) for n in (4, 2, 4))
+    with pytest.raises(ValueError, match="`key` has 2 heads and `value` 4"):
+        lmrt.ops.scaled_dot_product_attention(q, k, v)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
