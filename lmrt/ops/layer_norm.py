@@ -55,7 +55,9 @@ def layer_norm_fwd(
 def _(input, normalized_shape, weight, bias, eps):
     rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
     stats_dtype = reference.compute_dtype(input.dtype)
-    return torch.empty_like(input), input.new_empty(rows, dtype=stats_dtype), input.new_empty(rows, dtype=stats_dtype)
+    # Contiguous, as every backend returns the output whatever the input's strides.
+    output = input.new_empty(input.shape)
+    return output, input.new_empty(rows, dtype=stats_dtype), input.new_empty(rows, dtype=stats_dtype)
 
 
 @torch.library.custom_op("lmrt::layer_norm_bwd", mutates_args=())
@@ -88,9 +90,9 @@ def layer_norm_bwd(
 @layer_norm_bwd.register_fake
 def _(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask):
     return (
-        torch.empty_like(input) if output_mask[0] else input.new_empty(0),
-        torch.empty_like(weight) if output_mask[1] else input.new_empty(0),
-        torch.empty_like(bias) if output_mask[2] else input.new_empty(0),
+        input.new_empty(input.shape) if output_mask[0] else input.new_empty(0),
+        weight.new_empty(weight.shape) if output_mask[1] else input.new_empty(0),
+        bias.new_empty(bias.shape) if output_mask[2] else input.new_empty(0),
     )
 
 

@@ -57,7 +57,8 @@ def rms_norm_fwd(
 @rms_norm_fwd.register_fake
 def _(input, normalized_shape, weight, eps):
     rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
-    return torch.empty_like(input), input.new_empty(rows, dtype=reference.compute_dtype(input.dtype))
+    # Contiguous, as every backend returns the output whatever the input's strides.
+    return input.new_empty(input.shape), input.new_empty(rows, dtype=reference.compute_dtype(input.dtype))
 
 
 @torch.library.custom_op("lmrt::rms_norm_bwd", mutates_args=())
@@ -88,8 +89,8 @@ def rms_norm_bwd(
 @rms_norm_bwd.register_fake
 def _(grad_output, input, normalized_shape, rstd, weight, output_mask):
     return (
-        torch.empty_like(input) if output_mask[0] else input.new_empty(0),
-        torch.empty_like(weight) if output_mask[1] else input.new_empty(0),
+        input.new_empty(input.shape) if output_mask[0] else input.new_empty(0),
+        weight.new_empty(weight.shape) if output_mask[1] else input.new_empty(0),
     )
 
 

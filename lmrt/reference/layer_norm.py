@@ -14,7 +14,8 @@ def layer_norm_fwd(
     input: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None,
     bias: torch.Tensor | None, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output, mean, rstd); mean and rstd have one entry per row."""
+    """(output, mean, rstd); mean and rstd have one entry per row; the output contiguous, as the kernels write
+    it."""
     x = as_rows(input, len(normalized_shape)).to(compute_dtype(input.dtype))
     mean = x.mean(-1)
     centered = x - mean[:, None]
@@ -24,7 +25,7 @@ def layer_norm_fwd(
         y = y * weight.reshape(-1)
     if bias is not None:
         y = y + bias.reshape(-1)
-    return y.to(input.dtype).reshape(input.shape), mean, rstd
+    return y.to(input.dtype).reshape(input.shape).contiguous(), mean, rstd
 
 
 def layer_norm_bwd(
@@ -46,7 +47,7 @@ def _norm_bwd(grad_output, input, normalized_shape, mean, rstd, weight, bias, ou
     grad_x = w_dy - x_hat * (x_hat * w_dy).mean(-1, keepdim=True)
     if mean is not None:
         grad_x = grad_x - w_dy.mean(-1, keepdim=True)
-    grad_x = (grad_x * rstd[:, None]).to(input.dtype).reshape(input.shape)
+    grad_x = (grad_x * rstd[:, None]).to(input.dtype).reshape(input.shape).contiguous()
     grad_w = (dy * x_hat).sum(0).to(weight.dtype).reshape(weight.shape) if output_mask[1] else input.new_empty(0)
     grad_b = dy.sum(0).to(bias.dtype).reshape(bias.shape) if output_mask[2] else input.new_empty(0)
     return (grad_x if output_mask[0] else input.new_empty(0)), grad_w, grad_b

@@ -14,13 +14,13 @@ from lmrt.reference.layer_norm import _norm_bwd
 def rms_norm_fwd(
     input: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, rstd); rstd has one entry per row."""
+    """(output, rstd); rstd has one entry per row; the output contiguous, as the kernels write it."""
     x = as_rows(input, len(normalized_shape)).to(compute_dtype(input.dtype))
     rstd = torch.rsqrt((x * x).mean(-1) + eps)
     y = x * rstd[:, None]
     if weight is not None:
         y = y * weight.reshape(-1)
-    return y.to(input.dtype).reshape(input.shape), rstd
+    return y.to(input.dtype).reshape(input.shape).contiguous(), rstd
 
 
 def rms_norm_bwd(

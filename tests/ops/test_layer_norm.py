@@ -135,8 +135,13 @@ class TestBadInput:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck(layout, backend):
+    """The fake kernels' outputs match the real ones', strides included: contiguous for a transposed input and a
+    strided weight too."""
     x, weight, bias, normalized_shape = _inputs((5, 40), 1, torch.float32)
+    if layout == "transposed":
+        x, weight = x.t().contiguous().t(), torch.stack([weight, weight], -1)[:, 0]
     mean, rstd = x.mean(-1), torch.rsqrt(x.var(-1, unbiased=False) + 1e-5)
     with lmrt.backend(backend):
         torch.library.opcheck(torch.ops.lmrt.layer_norm_fwd.default,

@@ -86,8 +86,13 @@ class TestBadInput:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck(layout, backend):
+    """The fake kernels' outputs match the real ones', strides included: contiguous for a transposed input and a
+    strided weight too."""
     x, weight = torch.randn(5, 40, device=DEVICE), torch.randn(40, device=DEVICE)
+    if layout == "transposed":
+        x, weight = x.t().contiguous().t(), torch.stack([weight, weight], -1)[:, 0]
     rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
     with lmrt.backend(backend):
         torch.library.opcheck(torch.ops.lmrt.rms_norm_fwd.default,
