@@ -90,6 +90,17 @@ bool needs_node(const char* op, const Tensors&... tensors) {
   return torch::autograd::compute_requires_grad(tensors...);
 }
 
+// A backward whose gradients would need a graph of their own (create_graph=True over tensors that require grad, for
+// higher-order gradients) is refused: the kernels have no double-backward formula, and returning their gradients
+// without one would make the higher-order gradients silently wrong. compute_requires_grad is false outside grad
+// mode, as in every backward without create_graph.
+template <typename... Tensors>
+void refuse_double_backward(const char* op, const Tensors&... tensors) {
+  TORCH_CHECK(!torch::autograd::compute_requires_grad(tensors...), "lmrt_C::", op,
+              ": no double backward (a backward with create_graph=True, for higher-order gradients); compute "
+              "those with the torch.nn.functional op");
+}
+
 // Frees a node's saved tensors (release_variables: the graph is not kept for another backward).
 template <typename... Saved>
 void reset_data(Saved&... saved) {
@@ -146,6 +157,7 @@ struct LayerNormBackward : Node {
       return variable_list(3);
     }
     const Tensor x = input.unpack(), w = weight.unpack();
+    refuse_double_backward("layer_norm", grads[0], x, w);
     auto [dx, dw, db] = bwd.call(as_rows(grads[0], col_dims), as_rows(x, col_dims),
                                  optional_tensor(w), mean.unpack(), rstd.unpack(), mask);
     return {mask[0] ? with_shape(dx, x.sizes()) : Tensor(), mask[1] ? parameter_grad(dw, w) : Tensor(),
@@ -215,6 +227,7 @@ struct RmsNormBackward : Node {
       return variable_list(2);
     }
     const Tensor x = input.unpack(), w = weight.unpack();
+    refuse_double_backward("rms_norm", grads[0], x, w);
     auto [dx, dw] = bwd.call(as_rows(grads[0], col_dims), as_rows(x, col_dims),
                              optional_tensor(w), rstd.unpack(), mask);
     return {mask[0] ? with_shape(dx, x.sizes()) : Tensor(), mask[1] ? parameter_grad(dw, w) : Tensor()};
@@ -292,6 +305,7 @@ struct SoftmaxBackward : Node {
       return variable_list(1);
     }
     const Tensor y = output.unpack(getptr());
+    refuse_double_backward("softmax", grads[0], y);
     return {from_dim_last_rows(bwd.call(dim_last_rows(grads[0], dim), dim_last_rows(y, dim), input_dtype, log), y,
                                dim)};
   }
@@ -352,7 +366,9 @@ struct AttentionBackward : Node {
     if (!has_grad(grads)) {
       return variable_list(3);
     }
-    auto [dq, dk, dv] = bwd.call(grads[0], q.unpack(), k.unpack(), v.unpack(), out.unpack(getptr()), lse.unpack(),
+    const Tensor q_saved = q.unpack(), k_saved = k.unpack(), v_saved = v.unpack();
+    refuse_double_backward("attention", grads[0], q_saved, k_saved, v_saved);
+    auto [dq, dk, dv] = bwd.call(grads[0], q_saved, k_saved, v_saved, out.unpack(getptr()), lse.unpack(),
                                  optional_tensor(mask.unpack()), causal, /*bottom_right=*/false, scale);
     return {wanted[0] ? dq : Tensor(), wanted[1] ? dk : Tensor(), wanted[2] ? dv : Tensor()};
   }

@@ -279,3 +279,16 @@ def test_eager_nodes_refuse_forward_mode_ad(op):
         dual = fwAD.make_dual(torch.randn(3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE))
         with pytest.raises(RuntimeError, match=f"lmrt_C::{name}: forward-mode AD is not supported"):
             fn(dual)
+
+
+@pytest.mark.parametrize("op", _eager_ops(), ids=lambda op: op[0])
+def test_eager_nodes_refuse_double_backward(op):
+    """Higher-order gradients (a gradient penalty, say) raise rather than come out silently wrong: the kernels'
+    gradients have no graph of their own. A backward with create_graph=True is refused; one without still runs."""
+    name, fn, _ = op
+    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    with lmrt.backend(BACKEND):
+        out = fn(x)
+        with pytest.raises(RuntimeError, match=f"lmrt_C::{name}: no double backward"):
+            torch.autograd.grad(out.pow(3).sum(), x, create_graph=True)
+        torch.autograd.grad(fn(x).pow(3).sum(), x)
