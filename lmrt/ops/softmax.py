@@ -13,7 +13,8 @@ from lmrt.ops._dispatch import eager_calls, extension_ops, pick_backend, unit_co
 
 
 def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Softmax over `dim`; same call as F.softmax. `dtype` is the output's dtype (the input is not copied)."""
+    """Softmax over `dim`; same call as F.softmax. With `dtype`, the input is cast to it first, as in F.softmax; an
+    upcast (bfloat16 to float32, say) is exact, so the kernels read the input as it is and write `dtype`."""
     return _softmax(input, dim, dtype, log=False)
 
 
@@ -27,6 +28,8 @@ def _op_name(log: bool) -> str:
 
 
 def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
+    if isinstance(input, Tensor) and isinstance(dtype, torch.dtype) and torch.promote_types(input.dtype, dtype) != dtype:
+        input = input.to(dtype)  # a cast that rounds (float32 to bfloat16), which F.softmax makes before the softmax
     if not is_compiling():
         output = eager_calls.softmax(backends.context_choice, input, dim, dtype, log)
         if output is not None:

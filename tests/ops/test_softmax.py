@@ -55,6 +55,19 @@ def test_output_dtype_argument(dtype, op, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
+def test_a_narrower_dtype_casts_the_input_first(op, backend):
+    """As F.softmax: dtype=bfloat16 of float32 input is the softmax of the input rounded to bfloat16. Near 100 the
+    rounding (0.5 apart) moves the result by far more than bfloat16's own error."""
+    lmrt_fn, torch_fn, _ = OPS[op]
+    x = 100 + torch.randn(4, 33, device=DEVICE)
+    with lmrt.backend(backend):
+        got = lmrt_fn(x, -1, dtype=torch.bfloat16)
+    expected = torch_fn(x.to(torch.bfloat16).double(), -1)
+    torch.testing.assert_close(got, expected.to(torch.bfloat16), atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n_cols", [97, 65537], ids=str)
 def test_infinities_follow_torch(n_cols, op, backend):
     """-inf entries give 0 (softmax) or -inf (log_softmax); a row of only -inf gives NaN, as in torch."""
