@@ -27,9 +27,16 @@ def _op_name(log: bool) -> str:
     return "log_softmax" if log else "softmax"
 
 
+def _cast_rounds(input: Tensor, dtype: torch.dtype | None) -> bool:
+    """Whether casting floating `input` to floating `dtype` rounds it (float32 to bfloat16, say); bad arguments are
+    left to the checks."""
+    return (isinstance(input, Tensor) and input.is_floating_point() and isinstance(dtype, torch.dtype)
+            and dtype.is_floating_point and torch.promote_types(input.dtype, dtype) != dtype)
+
+
 def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
-    if isinstance(input, Tensor) and isinstance(dtype, torch.dtype) and torch.promote_types(input.dtype, dtype) != dtype:
-        input = input.to(dtype)  # a cast that rounds (float32 to bfloat16), which F.softmax makes before the softmax
+    if _cast_rounds(input, dtype):
+        input = input.to(dtype)  # F.softmax casts before the softmax
     if not is_compiling():
         output = eager_calls.softmax(backends.context_choice, input, dim, dtype, log)
         if output is not None:

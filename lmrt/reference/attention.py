@@ -2,8 +2,9 @@
 
 `attention_fwd` and `attention_bwd` follow the kernels' contract on the canonical (batch, heads, rows, dim)
 layout: the forward returns the output and the row log-sum-exp (+inf for a row that sees no key), and the
-backward recomputes the probabilities (from the scores, as exactly as the forward did: the dense form has them). `attention`, `scaled_dot_product_attention`, `flash_attn_func`
-and `flash_attn_varlen_func` are plain differentiable functions with the public call signatures.
+backward recomputes the probabilities from the scores, as exactly as the forward did. `attention`,
+`scaled_dot_product_attention`, `flash_attn_func` and `flash_attn_varlen_func` are plain differentiable functions
+with the public call signatures.
 
 Dropout draws the same Philox 4x32-10 stream as the Triton kernels (`tl.rand`): the keep mask of element
 (sequence, head, query, key) is a function of the seed and that element's flat index, so every backend drops
