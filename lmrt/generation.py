@@ -44,7 +44,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, do_sample: bool = Fa
     if num_beams > 1:
         return _beam_search(model, prompt, max_new_tokens, num_beams, length_penalty, early_stopping, eos, pad,
                             use_cache, model_inputs)
-    steps = _Stepper(model, prompt, prompt.shape[1] + max_new_tokens, use_cache, model_inputs)
+    steps = _Stepper(model, prompt, _fed_length(prompt, max_new_tokens), use_cache, model_inputs)
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     eos_ids = torch.tensor(eos, dtype=prompt.dtype, device=prompt.device)
@@ -54,6 +54,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, do_sample: bool = Fa
             next_tokens = sample(logits, temperature, top_k, top_p, generator)
         else:
             next_tokens = logits.argmax(dim=-1)
+        next_tokens = next_tokens.to(prompt.dtype)  # the output keeps the prompt's dtype, as beam search's does
         if pad is not None:
             next_tokens = torch.where(finished, pad, next_tokens)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
@@ -85,6 +86,12 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
+
+
+def _fed_length(prompt: Tensor, max_new_tokens: int) -> int:
+    """The most tokens the model sees: the prompt and every new token but the last, which is never fed back (so a
+    prompt as long as the model's context still gets its one next token)."""
+    return prompt.shape[1] + max_new_tokens - 1
 
 
 class _Stepper:
@@ -120,7 +127,7 @@ def _beam_search(model, prompt: Tensor, max_new_tokens: int, num_beams: int, len
     expanded_inputs = {name: value.repeat_interleave(num_beams, dim=0) if isinstance(value, Tensor) else value
                        for name, value in model_inputs.items()}
     tokens = prompt.repeat_interleave(num_beams, dim=0)
-    steps = _Stepper(model, tokens, prompt_length + max_new_tokens, use_cache, expanded_inputs)
+    steps = _Stepper(model, tokens, _fed_length(prompt, max_new_tokens), use_cache, expanded_inputs)
     beam_scores = torch.zeros(batch, num_beams, device=device)
     beam_scores[:, 1:] = float("-inf")  # the beams start identical: only the first one expands at the first step
     hypotheses = [_FinishedHypotheses(num_beams, length_penalty, early_stopping) for _ in range(batch)]

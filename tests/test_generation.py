@@ -54,6 +54,19 @@ def test_kv_cache_gives_the_tokens_of_full_recomputation(name, backend):
     assert torch.equal(cached, recomputed)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("mode", [{}, dict(do_sample=True), dict(num_beams=2)], ids=["greedy", "sample", "beams"])
+def test_a_prompt_as_long_as_the_context_gets_its_next_token_in_the_prompts_dtype(mode, use_cache):
+    """The last new token is never fed back, so a full context still predicts one more; the output keeps the
+    prompt's dtype (int32 here) whatever the decoding."""
+    model = MODELS["gpt"].eval()
+    prompt = torch.randint(0, VOCAB, (2, 24), dtype=torch.int32, device=DEVICE)
+    out = model.generate(prompt, 1, use_cache=use_cache, **mode)
+    assert out.shape == (2, 25) and out.dtype == torch.int32 and torch.equal(out[:, :24], prompt)
+    with pytest.raises(ValueError, match="exceeds the context length 24"):
+        model.generate(prompt, 2, use_cache=use_cache, **mode)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_beam_search_with_cache_gives_the_tokens_of_full_recomputation(name):
     options = dict(num_beams=3, eos_token_id=2, pad_token_id=0)
