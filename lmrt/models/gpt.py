@@ -121,8 +121,8 @@ class GPT(LanguageModel):
     def init_decoding(self, batch_size: int, max_length: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_length` tokens."""
         if max_length > self.config.context_length:
-            raise ValueError(f"lmrt.models.GPT: generating up to {max_length} tokens exceeds the context length "
-                             f"{self.config.context_length}")
+            raise ValueError(f"lmrt.models.GPT: decoding {max_length} tokens (the prompt and every new one but the "
+                             f"last) exceeds the context length {self.config.context_length}")
         return KVCache(self.config.n_layer, max_length)
 
     def decode(self, tokens: Tensor, state: KVCache) -> Tensor:

@@ -96,8 +96,8 @@ class LSTMLanguageModel(LanguageModel):
 
     def init_decoding(self, batch_size: int, max_length: int) -> LSTMState:
         if max_length > self.config.context_length:
-            raise ValueError(f"lmrt.models.LSTMLanguageModel: generating up to {max_length} tokens exceeds the "
-                             f"context length {self.config.context_length}")
+            raise ValueError(f"lmrt.models.LSTMLanguageModel: decoding {max_length} tokens (the prompt and every new "
+                             f"one but the last) exceeds the context length {self.config.context_length}")
         return LSTMState()
 
     def decode(self, tokens: Tensor, state: LSTMState) -> Tensor:

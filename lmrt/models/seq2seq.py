@@ -173,8 +173,8 @@ class Seq2SeqTransformer(LanguageModel):
             raise ValueError(f"lmrt.models.Seq2SeqTransformer: `src` has {src.shape[0]} sequences, expected "
                              f"{batch_size}")
         if max_length > self.config.max_length:
-            raise ValueError(f"lmrt.models.Seq2SeqTransformer: generating up to {max_length} target tokens exceeds "
-                             f"max_length {self.config.max_length}")
+            raise ValueError(f"lmrt.models.Seq2SeqTransformer: decoding {max_length} target tokens (the start and "
+                             f"every new one but the last) exceeds max_length {self.config.max_length}")
         memory, padding = self.encode(src, src_key_padding_mask)
         return Seq2SeqState(memory, padding, self.config.n_decoder_layers, max_length)
 
