@@ -91,6 +91,8 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, hf_tokenizer):
         self._tokenizer = hf_tokenizer
+        # "<eos>" written in a text is text: only the ids say where a sequence ends (ByteTokenizer agrees).
+        hf_tokenizer.encode_special_tokens = True
         special = [hf_tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
         size = hf_tokenizer.get_vocab_size()
         if special != list(range(size - 3, size)):

@@ -4,7 +4,8 @@ import pytest
 
 from lmrt.data import BPETokenizer, ByteTokenizer, default_corpus, load_tokenizer
 
-TEXTS = ["", "hello, world", "ünïcödé 日本語 ✓ \x00\n\t", "def f(x):\n    return x ** 2\n"]
+TEXTS = ["", "hello, world", "ünïcödé 日本語 ✓ \x00\n\t", "def f(x):\n    return x ** 2\n",
+         "x = <eos> y <pad><bos>"]  # special tokens' names written in a text are text
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def test_bpe_round_trip_and_compression(bpe):
     assert (bpe.pad_id, bpe.bos_id, bpe.eos_id) == (509, 510, 511)
     for text in TEXTS:
         assert bpe.decode(bpe.encode(text)) == text  # byte-level: every text is covered, even unseen characters
+        assert not {bpe.pad_id, bpe.bos_id, bpe.eos_id} & set(bpe.encode(text))
     sample = default_corpus()[200_000:210_000]
     assert len(bpe.encode(sample)) < 0.6 * len(sample.encode("utf-8"))  # merges learned from the same kind of text
 
@@ -38,7 +40,7 @@ def test_saved_tokenizer_decodes_the_same(make, bpe, tmp_path):
     tokenizer.save(tmp_path / "tokenizer.json")
     loaded = load_tokenizer(tmp_path / "tokenizer.json")
     assert type(loaded) is type(tokenizer) and loaded.vocab_size == tokenizer.vocab_size
-    text = default_corpus()[5000:6000]
+    text = default_corpus()[5000:6000] + TEXTS[-1]
     assert loaded.encode(text) == tokenizer.encode(text)
 
 
