@@ -48,7 +48,8 @@ class GPTConfig:
         require_at_least(self, 1, ("vocab_size", "context_length", "n_layer"))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        check_heads("GPTConfig", self.n_embd, self.n_head, self.n_kv_head)
+        check_heads("lmrt.models.GPTConfig", self.n_embd, self.n_head, self.n_kv_head,
+                    names=("n_embd", "n_head", "n_kv_head"))
         require_one_of(self, dict(norm=NORMS, activation=ACTIVATIONS, position=POSITIONS))
         require_dropout(self)
         if self.ffn_dim is None:

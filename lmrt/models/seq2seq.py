@@ -50,7 +50,8 @@ class Seq2SeqConfig:
     def __post_init__(self):
         require_at_least(self, 1, ("src_vocab_size", "tgt_vocab_size", "max_length", "n_encoder_layers",
                                    "n_decoder_layers", "ffn_dim"))
-        check_heads("Seq2SeqConfig", self.d_model, self.n_head, self.n_head)
+        check_heads("lmrt.models.Seq2SeqConfig", self.d_model, self.n_head, self.n_head,
+                    names=("d_model", "n_head", "n_head"))
         require_one_of(self, dict(norm=NORMS, activation=ACTIVATIONS))
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(f"Seq2SeqConfig: `share_embeddings` needs one vocabulary, but src_vocab_size is "

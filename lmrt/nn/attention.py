@@ -16,15 +16,18 @@ from lmrt.nn.kv_cache import LayerKVCache
 from lmrt.nn.positional import RotaryEmbedding
 
 
-def check_heads(module: str, embed_dim: int, num_heads: int, num_kv_heads: int) -> None:
-    """Heads that divide the width, and key/value heads that divide the query heads."""
+def check_heads(owner: str, embed_dim: int, num_heads: int, num_kv_heads: int,
+                names: tuple[str, str, str] = ("embed_dim", "num_heads", "num_kv_heads")) -> None:
+    """Heads that divide the width, and key/value heads that divide the query heads; the errors name `owner` (a
+    qualified class name) and its own `names` of the three."""
+    width, heads, kv_heads = names
     if embed_dim < 1 or num_heads < 1 or num_kv_heads < 1:
-        raise ValueError(f"lmrt.nn.{module}: `embed_dim` ({embed_dim}), `num_heads` ({num_heads}) and "
-                         f"`num_kv_heads` ({num_kv_heads}) must be >= 1")
+        raise ValueError(f"{owner}: `{width}` ({embed_dim}), `{heads}` ({num_heads}) and `{kv_heads}` "
+                         f"({num_kv_heads}) must be >= 1")
     if embed_dim % num_heads:
-        raise ValueError(f"lmrt.nn.{module}: `num_heads` ({num_heads}) must divide `embed_dim` ({embed_dim})")
+        raise ValueError(f"{owner}: `{heads}` ({num_heads}) must divide `{width}` ({embed_dim})")
     if num_heads % num_kv_heads:
-        raise ValueError(f"lmrt.nn.{module}: `num_kv_heads` ({num_kv_heads}) must divide `num_heads` ({num_heads})")
+        raise ValueError(f"{owner}: `{kv_heads}` ({num_kv_heads}) must divide `{heads}` ({num_heads})")
 
 
 class MultiheadAttention(nn.Module):
@@ -43,7 +46,7 @@ class MultiheadAttention(nn.Module):
                  rotary: RotaryEmbedding | None = None, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        check_heads("MultiheadAttention", embed_dim, num_heads, num_kv_heads)
+        check_heads("lmrt.nn.MultiheadAttention", embed_dim, num_heads, num_kv_heads)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lmrt.nn.MultiheadAttention: `dropout` must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads

@@ -85,8 +85,8 @@ def test_compiled_training_step_matches_eager():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(n_embd=30, n_head=4), r"`num_heads` \(4\) must divide `embed_dim` \(30\)"),
-    (dict(n_head=4, n_kv_head=3), r"`num_kv_heads` \(3\) must divide `num_heads` \(4\)"),
+    (dict(n_embd=30, n_head=4), r"GPTConfig: `n_head` \(4\) must divide `n_embd` \(30\)"),
+    (dict(n_head=4, n_kv_head=3), r"GPTConfig: `n_kv_head` \(3\) must divide `n_head` \(4\)"),
     (dict(position="alibi"), "`position` must be one of learned, rotary, got 'alibi'"),
     (dict(norm="batch"), "`norm` must be one of layer, rms, got 'batch'"),
     (dict(dropout=1.0), r"`dropout` must be in \[0, 1\), got 1.0"),

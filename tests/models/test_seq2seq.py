@@ -66,7 +66,7 @@ def test_explicit_padding_mask_is_checked():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(d_model=30, n_head=4), r"`num_heads` \(4\) must divide `embed_dim` \(30\)"),
+    (dict(d_model=30, n_head=4), r"Seq2SeqConfig: `n_head` \(4\) must divide `d_model` \(30\)"),
     (dict(share_embeddings=True), "`share_embeddings` needs one vocabulary"),
     (dict(eos_id=13), r"`eos_id` \(13\) must be a target token id in \[0, 13\)"),
     (dict(activation="tanh"), "`activation` must be one of gelu, relu, swiglu, got 'tanh'"),
