@@ -10,6 +10,10 @@
     lmrt bench attention model --save              # those benchmarks, into benchmarks/results/<device>/
     lmrt info                                      # versions, GPU, backends
 
+`lmrt train`'s settings are the preset's (for the run's model), then the config file's, then --model, --preset, --data
+and --out, then --set's, each over the ones before. With --resume the run keeps its saved settings: those given may
+change what a resumed run may change (RESUMABLE_CHANGES), and any other that differs from the saved value is refused.
+
 A user's mistake (a missing file, a bad setting, a corrupt checkpoint) ends with one line on stderr and exit
 status 2, without a traceback.
 """
@@ -32,9 +36,9 @@ from lmrt import backends
 from lmrt.data import write_token_file
 from lmrt.data.token_file import tokenizer_path
 from lmrt.train.checkpoint import CheckpointError, CheckpointManager
-from lmrt.train.config import MODELS, TOKENIZERS, TrainConfig, read_settings
-from lmrt.train.presets import PRESETS, preset_settings
-from lmrt.train.trainer import RESUMABLE_CHANGES, NonFiniteLossError, Trainer, corpus_tokens
+from lmrt.train.config import MODELS, TOKENIZERS, TrainConfig, parse_overrides, read_settings
+from lmrt.train.presets import PRESETS, with_preset
+from lmrt.train.trainer import NonFiniteLossError, Trainer, corpus_tokens
 
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImportError, NonFiniteLossError, OSError)
 
@@ -59,8 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="a YAML or TOML file of TrainConfig settings")
     train.add_argument("--data", help="a text file, a folder of text files or a .bin token file")
     train.add_argument("--out", help="the run's folder (checkpoints, metrics, plot, tokenizer)")
-    train.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override settings")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    train.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override settings: the preset's (for the run's model), the config file's, those of "
+                       "--model, --preset, --data and --out, then these, each over the ones before; model_options "
+                       "adds to the preset's")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder, "
+                       "with its saved settings; a setting given here that a resumed run may not change must equal "
+                       "the saved one")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     tokenize = _command(commands, "tokenize", _tokenize,
@@ -107,32 +116,27 @@ def _command(commands, name: str, function, help_text: str) -> argparse.Argument
     return command
 
 
-def _train_config(args) -> TrainConfig:
-    values = preset_settings(args.preset, args.model or "gpt") if args.preset else {}
-    if args.config is not None:
-        values.update(read_settings(args.config))
-    if args.model:
-        values["model"] = args.model
-    if args.data:
-        values["data"] = args.data
-    if args.out:
-        values["out_dir"] = args.out
-    values.setdefault("out_dir", f"runs/{values.get('preset') or values.get('model', 'gpt')}")
-    return TrainConfig.from_dict(values).with_overrides(args.set)
+def _given_settings(args) -> dict:
+    """The settings this invocation gives, each source over the ones before: the config file, then --model,
+    --preset, --data and --out, then --set."""
+    settings = read_settings(args.config) if args.config is not None else {}
+    flags = dict(model=args.model, preset=args.preset, data=args.data, out_dir=args.out)
+    settings.update({name: value for name, value in flags.items() if value is not None})
+    settings.update(parse_overrides(args.set))
+    return settings
 
 
 def _train(args) -> int:
     reporter = _ConsoleReporter(progress=not args.quiet)
-    config = _train_config(args)
+    settings = _given_settings(args)
+    out_dir = settings.pop("out_dir", None) or f"runs/{settings.get('preset') or settings.get('model', 'gpt')}"
     try:
         if args.resume:
-            # The saved config, changed only in the resumable settings this invocation gives (those off their
-            # default).
-            defaults = TrainConfig().to_dict()
-            changes = {k: v for k, v in config.to_dict().items() if k in RESUMABLE_CHANGES and v != defaults[k]}
-            trainer = Trainer.continue_run(config.out_dir, changes, on_event=reporter)
+            # The saved config, with the settings given here as changes (a preset by its name only: its settings are
+            # in the saved config already); a setting a resumed run may not change must equal the saved one.
+            trainer = Trainer.continue_run(out_dir, settings, on_event=reporter)
         else:
-            trainer = Trainer(config, on_event=reporter)
+            trainer = Trainer(TrainConfig.from_dict({**with_preset(settings), "out_dir": out_dir}), on_event=reporter)
         return 130 if trainer.run().interrupted else 0
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -156,21 +160,21 @@ def _tokenize(args) -> int:
     return 0
 
 
-def _trainer_of_run(run: str) -> Trainer:
+def _trainer_of_run(run: str, load_data: bool) -> Trainer:
     if CheckpointManager(Path(run) / "checkpoints").latest() is None:
         raise FileNotFoundError(f"no checkpoint in {Path(run) / 'checkpoints'}; train first: lmrt train --out {run}")
-    return Trainer.continue_run(run)
+    return Trainer.continue_run(run, load_data=load_data)
 
 
 def _eval(args) -> int:
-    trainer = _trainer_of_run(args.run)
+    trainer = _trainer_of_run(args.run, load_data=True)  # the validation split of the run's data
     loss = trainer.evaluate(args.batches)  # None: every validation batch
     print(f"step {trainer.step}: validation loss {loss:.4f}, perplexity {_perplexity(loss):.2f}")
     return 0
 
 
 def _generate(args) -> int:
-    trainer = _trainer_of_run(args.run)
+    trainer = _trainer_of_run(args.run, load_data=False)  # the checkpoint's model and tokenizer are all it needs
     options = dict(num_beams=args.beams, length_penalty=args.length_penalty)
     if not args.greedy and args.beams == 1:
         options.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

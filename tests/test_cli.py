@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 
 from lmrt.cli import main
 from lmrt.data import default_corpus, load_tokenizer, read_token_file
+from lmrt.train import CheckpointManager, load_checkpoint
 
 TINY = ["model_options={\"n_layer\": 1, \"n_head\": 2, \"n_embd\": 32}", "context_length=32", "batch_size=8",
         "max_steps=8", "warmup_steps=2", "eval_interval=4", "eval_batches=2", "sample_interval=8", "sample_tokens=8",
@@ -100,8 +102,118 @@ def test_torchrun_two_processes(tmp_path):
                                                                        "step-00000004.pt"]
 
 
+def _saved_config(run):
+    latest = CheckpointManager(run / "checkpoints").latest()
+    return load_checkpoint(latest)["state"]["config"]
+
+
+def test_resume_takes_every_setting_given(tmp_path, capsys):
+    """With --resume, a setting given (at its default value or not) changes the run if a resumed run may change it;
+    any other must equal the saved value, or the command is refused without training."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--quiet", "--set", *TINY, "max_steps=4", "max_minutes=5"]) == 0
+    (tmp_path / "other.txt").write_text("other text")
+    (tmp_path / "lstm.yaml").write_text("model: lstm\n")
+    for refused, message in [(["--set", "learning_rate=5"], "learning_rate=0.001, the config now says 5.0"),
+                             (["--set", "batch_size=64"], "batch_size=8, the config now says 64"),
+                             (["--model", "lstm"], "model='gpt', the config now says 'lstm'"),
+                             (["--config", str(tmp_path / "lstm.yaml")], "model='gpt', the config now says 'lstm'"),
+                             (["--preset", "tiny"], "preset=None, the config now says 'tiny'"),
+                             (["--data", str(tmp_path / "other.txt")], "data=None, the config now says '")]:
+        assert main(["train", "--out", str(run), "--resume", *refused]) == 2
+        err = capsys.readouterr().err
+        assert f"lmrt train: error: cannot resume from {run}" in err and message in err and err.count("\n") == 1
+    assert _saved_config(run)["max_steps"] == 4
+    # max_minutes=none lifts the saved limit, eval_interval=200 is TrainConfig's default; the saved learning rate
+    # and model are no change.
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--model", "gpt", "--set", "max_steps=6",
+                 "max_minutes=none", "eval_interval=200", "learning_rate=1e-3"]) == 0
+    saved = _saved_config(run)
+    assert (saved["max_steps"], saved["max_minutes"], saved["eval_interval"]) == (6, None, 200)
+
+
+def test_a_copied_run_resumes_in_its_own_folder(tmp_path, capsys):
+    """eval and generate leave a run's records alone; resuming a copy writes into the copy, not the original."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    assert main(["train", "--out", str(original), "--quiet", "--set", *TINY, "max_steps=4", "keep_last=1"]) == 0
+    shutil.copytree(original, copy)
+    with open(copy / "metrics.jsonl", "a") as file:  # as a run still training past its checkpoint writes
+        file.write(json.dumps({"step": 5, "loss": 99.0}) + "\n")
+    before = {p: p.read_bytes() for p in (*original.rglob("*"), copy / "metrics.jsonl") if p.is_file()}
+    assert main(["eval", "--run", str(copy), "--batches", "1"]) == 0
+    assert main(["generate", "--run", str(copy), "--max-new-tokens", "2"]) == 0
+    assert {p: p.read_bytes() for p in before} == before
+    assert main(["train", "--out", str(copy), "--resume", "--quiet", "--set", "max_steps=6"]) == 0
+    assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == {
+        p: data for p, data in before.items() if p.is_relative_to(original)}
+    losses = {r["step"]: r["loss"] for r in _records(copy) if "loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[5] != 99.0
+    assert sorted(p.name for p in (copy / "checkpoints").glob("step-*")) == ["step-00000006.pt"]
+
+
+def test_generate_needs_no_data_and_eval_says_which(tmp_path, monkeypatch, capsys):
+    """A run trained on a relative `data` path: generate works from anywhere, eval (which needs the validation
+    split) says what it looked for."""
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "text.txt").write_text(default_corpus()[:20_000])
+    monkeypatch.chdir(tmp_path / "started")
+    assert main(["train", "--data", "text.txt", "--out", "run", "--quiet", "--set", *TINY, "max_steps=4"]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["generate", "--run", "started/run", "--prompt", "The", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert main(["eval", "--run", "started/run"]) == 2
+    assert capsys.readouterr().err == ("lmrt eval: error: training text text.txt does not exist (the data of the run "
+                                       "in started/run, its setting data='text.txt'; a relative path is read from "
+                                       "the current directory)\n")
+
+
+@pytest.mark.parametrize("how", ["--preset", "config", "set"])
+def test_a_preset_is_for_the_model_and_under_the_settings(tmp_path, how):
+    """However the preset and the model are named, the preset's settings are those for the model, and the run's
+    model_options add to its model_options."""
+    (tmp_path / "run.yaml").write_text("model: lstm\nmodel_options: {hidden_size: 64}\n" +
+                                       ("preset: tiny\n" if how == "config" else ""))
+    preset = {"--preset": ["--preset", "tiny"], "config": [], "set": ["--set", "preset=tiny"]}[how]
+    settings = ["context_length=16", "batch_size=2", "max_steps=1", "eval_batches=1", "device=cpu"]
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), *preset, "--out", str(tmp_path / "run"),
+                 "--quiet", "--set", *settings]) == 0
+    saved = _saved_config(tmp_path / "run")
+    assert (saved["model"], saved["preset"], saved["learning_rate"]) == ("lstm", "tiny", 2e-3)
+    assert saved["model_options"] == {"n_layer": 1, "n_embd": 128, "hidden_size": 64}
+
+
+def test_every_set_counts(tmp_path):
+    assert main(["train", "--out", str(tmp_path / "run"), "--quiet", "--set", *TINY, "learning_rate=5e-4",
+                 "--set", "max_steps=1"]) == 0
+    saved = _saved_config(tmp_path / "run")
+    assert (saved["learning_rate"], saved["max_steps"]) == (5e-4, 1)
+
+
+def test_a_backend_that_cannot_run_is_one_line_before_any_step(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton runs CPU tensors only through its interpreter
+    assert main(["train", "--out", str(tmp_path / "run"), "--set", *TINY, "backend=triton"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmrt train: error: `backend` is 'triton', which cannot run on cpu: ")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_batches_must_be_positive(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--quiet", "--set", *TINY, "max_steps=1"]) == 0
+    for batches in ("0", "-1"):
+        assert main(["eval", "--run", str(tmp_path / "run"), "--batches", batches]) == 2
+        assert capsys.readouterr().err == (f"lmrt eval: error: evaluation needs `batches` >= 1 (or None: every "
+                                           f"validation batch), got {batches}\n")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--set", "batch_size=0"], "lmrt train: error: TrainConfig: `batch_size` must be >= 1, got 0"),
+    (["train", "--set", "learning_rate=0", "min_learning_rate=0"], "lmrt train: error: TrainConfig: `learning_rate` "
+                                                                   "must be > 0, got 0.0"),
+    (["train", "--set", "sample_tokens=0"], "lmrt train: error: TrainConfig: `sample_tokens` must be >= 1, got 0"),
+    (["train", "--set", *TINY, "sample_prompt=" + "x" * 40], "lmrt train: error: `sample_prompt` has 40 tokens; the "
+                                                            "model's context holds 32"),
     (["train", "--data", "/nonexistent/texts"], "lmrt train: error: training text /nonexistent/texts does not exist"),
     (["eval", "--run", "/nonexistent"], "lmrt eval: error: no checkpoint in /nonexistent/checkpoints"),
     (["bench", "bench_everything"], "lmrt bench: error: unknown benchmark 'bench_everything'"),

@@ -1,7 +1,8 @@
 """TrainConfig: everything that defines a training run, in one dataclass.
 
-It comes from defaults, a YAML or TOML file, and `key=value` overrides from the command line, in that order; it
-is printed at the start of a run and saved in every checkpoint, so that a run can be resumed and reproduced.
+It comes from defaults, a preset (lmrt.train.presets), a YAML or TOML file, and `key=value` overrides from the
+command line, in that order; it is printed at the start of a run and saved in every checkpoint, so that a run can be
+resumed and reproduced.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmrt._settings import require_at_least, require_one_of
+from lmrt.backends import BACKENDS
 
 MODELS = ("gpt", "seq2seq", "lstm")
 TOKENIZERS = ("byte", "bpe")
@@ -64,13 +66,23 @@ class TrainConfig:
         require_one_of(self, dict(model=MODELS, tokenizer=TOKENIZERS, precision=PRECISIONS))
         require_at_least(self, 1, ("context_length", "batch_size", "gradient_accumulation", "max_steps",
                                    "eval_interval", "eval_batches", "sample_interval", "checkpoint_interval",
-                                   "keep_last"))
-        require_at_least(self, 0, ("warmup_steps", "sample_tokens", "bpe_vocab_size"))
+                                   "sample_tokens", "keep_last"))
+        require_at_least(self, 0, ("warmup_steps", "bpe_vocab_size"))
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"TrainConfig: `backend` must be one of {', '.join(BACKENDS)} or None (each op's "
+                             f"default), got {self.backend!r}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"TrainConfig: `validation_fraction` must be in (0, 1), got {self.validation_fraction}")
+        if not self.learning_rate > 0.0:
+            raise ValueError(f"TrainConfig: `learning_rate` must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError(f"TrainConfig: need 0 <= min_learning_rate <= learning_rate, got "
                              f"{self.min_learning_rate} and {self.learning_rate}")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"TrainConfig: `weight_decay` must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainConfig: `{name}` must be in [0, 1), got {getattr(self, name)}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"TrainConfig: `grad_clip` must be > 0 or None, got {self.grad_clip}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -95,21 +107,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def with_overrides(self, overrides: list[str]) -> TrainConfig:
-        """A copy with `key=value` overrides applied; a value is parsed as the setting's type (`none` for an
-        optional one, JSON for model_options, e.g. model_options={"n_layer":2})."""
-        values = self.to_dict()
-        types = typing.get_type_hints(TrainConfig)
-        for override in overrides:
-            key, sep, text = override.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in types:
-                raise ValueError(f"override {override!r} must be key=value with a TrainConfig setting as key")
-            values[key] = _parse(key, text.strip(), types[key])
-        return TrainConfig.from_dict(values)
+        """A copy with `key=value` overrides applied (as parse_overrides reads them)."""
+        return TrainConfig.from_dict({**self.to_dict(), **parse_overrides(overrides)})
 
     def __str__(self) -> str:
         width = max(len(f.name) for f in dataclasses.fields(self))
         return "\n".join(f"{f.name:<{width}}  {getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """The settings that `key=value` overrides give, later ones over earlier; a value is parsed as the setting's type
+    (`none` for an optional one, JSON for model_options, e.g. model_options={"n_layer":2})."""
+    settings = {}
+    types = typing.get_type_hints(TrainConfig)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in types:
+            raise ValueError(f"override {override!r} must be key=value with a TrainConfig setting as key")
+        settings[key] = _parse(key, text.strip(), types[key])
+    return settings
 
 
 def read_settings(path: str | Path) -> dict:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 import lmrt
+from lmrt import backends
 from lmrt.data import (
     BPETokenizer,
     ByteTokenizer,
@@ -57,9 +58,9 @@ from lmrt.train.checkpoint import (
 )
 from lmrt.train.config import TrainConfig
 
-# Settings a resumed run may change: how long it runs and what it reports, not what it computes.
+# Settings a resumed run may change: how long it runs, what it reports and where it computes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_minutes", "eval_interval", "sample_interval", "sample_tokens", "sample_prompt",
-                     "checkpoint_interval", "keep_last", "tensorboard", "device", "compile"}
+                     "checkpoint_interval", "keep_last", "tensorboard", "device", "compile", "backend"}
 # Dense bfloat16 tensor-core peaks (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -87,43 +88,53 @@ class Trainer:
         checkpoint, checkpoint_path = _latest_checkpoint(config.out_dir) if resume else (None, None)
         if checkpoint is not None:
             _check_resumable(config, checkpoint["state"]["config"], checkpoint_path)
-        self._set_up(config, on_event, checkpoint, checkpoint_path)
+        self._set_up(config, on_event, checkpoint, checkpoint_path, load_data=True)
 
     @classmethod
-    def continue_run(cls, out_dir: str | Path, changes: dict | None = None, on_event: Event | None = None) -> Trainer:
-        """The run in `out_dir`, from its latest checkpoint and with the config saved there, changed by `changes`
-        (settings of RESUMABLE_CHANGES only). Reads the checkpoint once."""
-        changes = dict(changes or {})
-        refused = sorted(set(changes) - RESUMABLE_CHANGES)
-        if refused:
-            raise ValueError(f"a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}; not "
-                             f"{refused[0]}")
+    def continue_run(cls, out_dir: str | Path, changes: dict | None = None, on_event: Event | None = None,
+                     load_data: bool = True) -> Trainer:
+        """The run in `out_dir`, from its latest checkpoint and with the config saved there, changed by `changes`:
+        a setting of RESUMABLE_CHANGES takes its new value, any other must equal the saved one (CheckpointError).
+        The run lives in `out_dir` from then on, whatever out_dir it was trained with (a copied or moved run).
+        `load_data=False` reads no corpus: the trainer generates text but cannot train or evaluate. Reads the
+        checkpoint once."""
         checkpoint, path = _latest_checkpoint(out_dir)
-        config = TrainConfig.from_dict({**checkpoint["state"]["config"], **changes})
+        saved = checkpoint["state"]["config"]
+        config = TrainConfig.from_dict({**saved, **(changes or {}), "out_dir": str(out_dir)})
+        _check_resumable(config, saved, path)
         trainer = cls.__new__(cls)
-        trainer._set_up(config, on_event, checkpoint, path)
+        trainer._set_up(config, on_event, checkpoint, path, load_data)
         return trainer
 
     def _set_up(self, config: TrainConfig, on_event: Event | None, checkpoint: dict | None,
-                checkpoint_path: Path | None) -> None:
+                checkpoint_path: Path | None, load_data: bool) -> None:
         self.on_event = on_event or (lambda name, data: None)
         self.rank, self.world_size = _init_distributed(config.device)
         self.out_dir = Path(config.out_dir)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.keep_last)
         self.config = config
         self.device = _resolve_device(config.device, self.rank)
+        if config.backend is not None:
+            # Every op would raise at its first call (an explicit choice does not fall back): say so before a step.
+            reason = backends.unavailable_reason(config.backend, self.device.type)
+            if reason is not None:
+                raise ValueError(f"`backend` is {config.backend!r}, which cannot run on {self.device}: {reason}")
         self.amp_dtype = _resolve_precision(config.precision, self.device)
         self._peak_flops = next((flops for name, flops in PEAK_FLOPS.items() if self.device.type == "cuda"
                                  and name in torch.cuda.get_device_name(self.device)), None)
         torch.manual_seed(config.seed)
         saved_tokenizer = tokenizer_from_dict(checkpoint["state"]["tokenizer"]) if checkpoint else None
-        self.tokenizer, tokens = corpus_tokens(config, saved_tokenizer)
-        if self.tokenizer.kind != config.tokenizer:
-            # A .bin file's ids are its own tokenizer's, whatever the setting said: the saved config tells the truth.
-            self.config = config = config.with_overrides([f"tokenizer={self.tokenizer.kind}"])
-        train_tokens, validation_tokens = split_tokens(tokens, config.validation_fraction)
-        self.train_data = self._dataset(train_tokens)
-        self.validation_data = self._dataset(validation_tokens)
+        if load_data:
+            self.tokenizer, tokens = self._corpus_tokens(saved_tokenizer)
+            if self.tokenizer.kind != config.tokenizer:
+                # A .bin file's ids are its own tokenizer's, whatever the setting said: the saved config tells the
+                # truth.
+                self.config = config = config.with_overrides([f"tokenizer={self.tokenizer.kind}"])
+            train_tokens, validation_tokens = split_tokens(tokens, config.validation_fraction)
+            self.train_data = self._dataset(train_tokens)
+            self.validation_data = self._dataset(validation_tokens)
+        else:  # the checkpoint holds all that generation needs: the model and its tokenizer
+            self.tokenizer, self.train_data, self.validation_data = saved_tokenizer, None, None
         self.model = _build_model(config, self.tokenizer).to(self.device)
         self.optimizer = _adamw(self.model, config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
@@ -139,6 +150,18 @@ class Trainer:
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ----------------------------------------------------------------------------------------------------- set-up
+    def _corpus_tokens(self, saved_tokenizer: Tokenizer | None) -> tuple[Tokenizer, torch.Tensor]:
+        try:
+            return corpus_tokens(self.config, saved_tokenizer)
+        except FileNotFoundError as error:
+            if saved_tokenizer is None:
+                raise
+            # A run loaded from its checkpoint (whose tokenizer it brings): a relative `data` is read from the current
+            # directory, which need not be the one it was trained in.
+            raise FileNotFoundError(f"{error} (the data of the run in {self.out_dir}, its setting data="
+                                    f"{self.config.data!r}; a relative path is read from the current directory)"
+                                    ) from None
+
     def _dataset(self, tokens):
         if self.config.model == "seq2seq":
             half = self.config.context_length // 2
@@ -155,7 +178,11 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.step, self.epoch, self.position = state["step"], state["data"]["epoch"], state["data"]["position"]
         self.tokens_seen, self.train_seconds = state["progress"]["tokens"], state["progress"]["seconds"]
-        _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+
+    def _require_data(self, purpose: str) -> None:
+        if self.train_data is None:
+            raise RuntimeError(f"{purpose} needs the run's data, and this trainer was loaded without it "
+                               f"(Trainer.continue_run(..., load_data=False))")
 
     # ------------------------------------------------------------------------------------------------------- data
     def _micro_batches(self) -> Iterator[tuple[tuple, int, int]]:
@@ -192,19 +219,26 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train until max_steps, max_minutes or a stop request (Ctrl-C); returns how it ended."""
+        self._require_data("training")
         config = self.config
+        if config.max_steps // config.sample_interval > self.step // config.sample_interval:
+            self._prompt_ids(config.sample_prompt, "`sample_prompt`")  # refused now, not at the first sample
         self._emit("start", config=config, parameters=self.model.num_parameters(), device=str(self.device),
                    precision=str(self.amp_dtype).removeprefix("torch."), train_examples=len(self.train_data),
                    validation_examples=len(self.validation_data), start_step=self.step, world_size=self.world_size)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(self.out_dir / "tokenizer.json")
+            if self.step > 0:
+                # Resumed: drop the records written past the checkpoint. Here, not on loading: a load for evaluation
+                # or generation may be looking at a run that another process is training.
+                _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
         batches = self._micro_batches()
         started = time.perf_counter()
         train_loss = validation_loss = None
         saved_step = None
         self._stop_requested = False
-        with self._ctrl_c_requests_stop():
+        with self._ctrl_c_requests_stop(), self._backend():
             try:
                 while self.step < config.max_steps and not self._stop_agreed():
                     if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
@@ -304,10 +338,17 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
 
+    def _backend(self):
+        """The `backend` setting's choice of backend for lmrt's ops, if it makes one (process-wide while it holds)."""
+        return lmrt.backend(self.config.backend) if self.config.backend is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:
         """Mean loss over the first `batches` batches of the validation data (the same ones every time; all of
         them when None)."""
+        self._require_data("evaluation")
+        if batches is not None and batches < 1:
+            raise ValueError(f"evaluation needs `batches` >= 1 (or None: every validation batch), got {batches}")
         self.model.eval()
         data, size = self.validation_data, self.config.batch_size
         if isinstance(data, LanguageModelWindows):
@@ -316,7 +357,7 @@ class Trainer:
         losses = []
         for start in range(0, end, size):
             batch = self._collate(data, [data[i] for i in range(start, min(start + size, end))])
-            with self._autocast():
+            with self._autocast(), self._backend():
                 losses.append(self.model(*batch)[1].float().item())
         return sum(losses) / len(losses)
 
@@ -339,21 +380,25 @@ class Trainer:
         encoder-decoder, the continuation of `prompt` as its source text."""
         self.model.eval()
         generator = torch.Generator(self.device).manual_seed(seed)
-        ids = self.tokenizer.encode(prompt)
-        with self._autocast():
+        ids = self._prompt_ids(prompt, "the prompt")
+        with self._autocast(), self._backend():
             if isinstance(self.model, Seq2SeqTransformer):
-                source = torch.tensor([ids or [self.tokenizer.bos_id]], device=self.device)
+                source = torch.tensor([ids], device=self.device)
                 limit = min(max_new_tokens, self.model.config.max_length - 1)
                 out = self.model.generate(source, limit, generator=generator, **options)
                 return self.tokenizer.decode(out[0, 1:].tolist())
-            ids = ids or [self.tokenizer.bos_id]
-            room = self.config.context_length - len(ids)
-            if room < 1:
-                raise ValueError(f"the prompt has {len(ids)} tokens; the model's context holds "
-                                 f"{self.config.context_length}")
+            room = self.config.context_length + 1 - len(ids)  # the last new token is never fed back
             out = self.model.generate(torch.tensor([ids], device=self.device), min(max_new_tokens, room),
                                       generator=generator, **options)
             return self.tokenizer.decode(out[0].tolist())
+
+    def _prompt_ids(self, prompt: str, name: str) -> list[int]:
+        """The token ids generation starts from (BOS for an empty prompt); a decoder-only model's context must hold
+        them."""
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
+        if not isinstance(self.model, Seq2SeqTransformer) and len(ids) > self.config.context_length:
+            raise ValueError(f"{name} has {len(ids)} tokens; the model's context holds {self.config.context_length}")
+        return ids
 
     # --------------------------------------------------------------------------------------------------- records
     def _save(self, validation_loss: float | None) -> None:
@@ -409,9 +454,10 @@ def _latest_checkpoint(out_dir: str | Path) -> tuple[dict, Path]:
 
 
 def _check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
-    """`config` differs from the `saved` one only in what a resumed run may change."""
+    """`config` differs from the `saved` one only in what a resumed run may change. Not out_dir: the checkpoint was
+    found in config.out_dir, and a copied or moved run lives in its new folder."""
     changed = sorted(name for name, value in config.to_dict().items()
-                     if name not in RESUMABLE_CHANGES and saved.get(name) != value)
+                     if name not in RESUMABLE_CHANGES | {"out_dir"} and saved.get(name) != value)
     if changed:
         name = changed[0]
         raise CheckpointError(f"cannot resume from {path}: it was trained with {name}={saved.get(name)!r}, the "

@@ -1,6 +1,6 @@
 import pytest
 
-from lmrt.train.config import TrainConfig
+from lmrt.train.config import TrainConfig, parse_overrides
 
 
 def test_file_then_overrides(tmp_path):
@@ -14,6 +14,10 @@ def test_file_then_overrides(tmp_path):
                                            'model_options={"n_layer": 2}', "data=notes.txt"])
     assert (config.batch_size, config.learning_rate, config.compile, config.max_minutes) == (4, 3e-4, True, None)
     assert config.model_options == {"n_layer": 2} and config.data == "notes.txt"
+
+
+def test_later_overrides_win():
+    assert parse_overrides(["max_steps=5", "batch_size=2", "max_steps=7"]) == {"max_steps": 7, "batch_size": 2}
 
 
 def test_round_trip_through_a_dict():
@@ -31,6 +35,12 @@ def test_round_trip_through_a_dict():
     ("model_options=[1]", "expected a JSON object"),
     ("min_learning_rate=1", "need 0 <= min_learning_rate <= learning_rate"),
     ("validation_fraction=0", r"`validation_fraction` must be in \(0, 1\), got 0.0"),
+    ("learning_rate=0", "`learning_rate` must be > 0, got 0.0"),
+    ("weight_decay=-1", "`weight_decay` must be >= 0, got -1.0"),
+    ("beta1=1.5", r"`beta1` must be in \[0, 1\), got 1.5"),
+    ("beta2=-0.1", r"`beta2` must be in \[0, 1\), got -0.1"),
+    ("sample_tokens=0", "`sample_tokens` must be >= 1, got 0"),
+    ("backend=nope", "`backend` must be one of triton, cuda, cpp, torch or None .*, got 'nope'"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(ValueError, match=message):

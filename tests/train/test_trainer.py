@@ -1,11 +1,13 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 
 import pytest
 import torch
 
+from lmrt import backends
 from lmrt.train import CheckpointError, TrainConfig
 from lmrt.train.trainer import NonFiniteLossError, Trainer
 
@@ -176,3 +178,90 @@ def test_process_group_backend_follows_the_device(monkeypatch):
     for device in ("cpu", "auto", "cuda", "cuda:1"):
         trainer._init_distributed(device)
     assert backends == ["gloo", "nccl", "nccl", "nccl"]
+
+
+def test_a_continued_run_lives_in_the_folder_it_was_loaded_from(tmp_path):
+    """A copied run, resumed, writes into the copy: the original keeps its checkpoints (keep_last would have deleted
+    them from the folder the saved config named) and its records."""
+    Trainer(_config(tmp_path, "x", max_steps=4, keep_last=1)).run()
+    shutil.copytree(tmp_path / "x", tmp_path / "y")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "x").rglob("*") if p.is_file()}
+    assert Trainer.continue_run(tmp_path / "y", {"max_steps": 8}).run().step == 8
+    assert Trainer(_config(tmp_path, "y", max_steps=12, keep_last=1), resume=True).run().step == 12
+    assert {p.name: p.read_bytes() for p in (tmp_path / "x").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "y" / "checkpoints").glob("step-*")) == ["step-00000012.pt"]
+    assert sorted(_losses(tmp_path / "y")) == list(range(1, 13))
+
+
+def test_only_a_run_that_trains_on_drops_the_records_past_its_checkpoint(tmp_path):
+    """Loading a run to evaluate or generate leaves metrics.jsonl alone (its training may be going on); training on
+    from the checkpoint drops what the run wrote after it."""
+    Trainer(_config(tmp_path, max_steps=4)).run()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as file:
+        file.write(json.dumps({"step": 5, "loss": 99.0}) + "\n")
+    written = metrics.read_text()
+    trainer = Trainer.continue_run(tmp_path / "run")
+    trainer.evaluate(1)
+    trainer.generate_text("a", 2)
+    assert metrics.read_text() == written
+    Trainer.continue_run(tmp_path / "run", {"max_steps": 6}).run()
+    assert sorted(_losses(tmp_path / "run")) == list(range(1, 7)) and _losses(tmp_path / "run")[5] != 99.0
+
+
+def test_generation_needs_only_the_checkpoint(tmp_path):
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    Trainer(_config(tmp_path, data=str(tmp_path / "text.txt"), max_steps=4)).run()
+    (tmp_path / "text.txt").unlink()
+    trainer = Trainer.continue_run(tmp_path / "run", load_data=False)
+    assert trainer.generate_text("the", 3, do_sample=False).startswith("the")
+    full_context = "x" * trainer.config.context_length  # byte tokens: as many as the context holds
+    assert len(trainer.generate_text(full_context, 5, do_sample=False)) == len(full_context) + 1
+    for call, purpose in ((trainer.run, "training"), (trainer.evaluate, "evaluation")):
+        with pytest.raises(RuntimeError, match=f"{purpose} needs the run's data, and this trainer was loaded without"):
+            call()
+    with pytest.raises(FileNotFoundError, match=r"text.txt does not exist \(the data of the run in .*run, its setting "
+                                                r"data='.*text.txt'; a relative path is read from the current"):
+        Trainer.continue_run(tmp_path / "run")
+
+
+def test_continue_run_refuses_only_changes_it_cannot_make(tmp_path):
+    Trainer(_config(tmp_path, max_steps=4)).run()
+    with pytest.raises(CheckpointError, match="it was trained with learning_rate=0.001, the config now says 5 "
+                                              r"\(a resumed run may change only backend, "):
+        Trainer.continue_run(tmp_path / "run", {"learning_rate": 5, "max_steps": 8})
+    # The saved value of a setting it cannot change is no change; default values of those it can change are.
+    trainer = Trainer.continue_run(tmp_path / "run", {"learning_rate": 1e-3, "model": "gpt", "max_steps": 2000,
+                                                      "max_minutes": None})
+    assert (trainer.config.max_steps, trainer.config.max_minutes, trainer.config.learning_rate) == (2000, None, 1e-3)
+
+
+def test_the_backend_setting_runs_training_evaluation_and_samples(tmp_path):
+    """Every forward pass of the run (training, evaluation, samples) is under the `backend` setting's choice."""
+    trainer = Trainer(_config(tmp_path, backend="torch", max_steps=6))
+    choices = []
+    trainer.model.register_forward_pre_hook(lambda module, args: choices.append(backends.chosen_backend()))
+    events = []
+    trainer.on_event = lambda name, data: events.append(name)
+    trainer.run()
+    assert {"step", "eval", "sample"} <= set(events) and set(choices) == {"torch"}
+    assert backends.chosen_backend() is None  # the choice holds only while the run does
+
+
+def test_a_backend_that_cannot_run_is_refused_before_any_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="`backend` is 'triton', which cannot run on cpu: triton "):
+        Trainer(_config(tmp_path, backend="triton"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_evaluation_and_sample_settings_are_refused_before_any_step(tmp_path):
+    trainer = Trainer(_config(tmp_path, sample_prompt="x" * 33))
+    with pytest.raises(ValueError, match="`sample_prompt` has 33 tokens; the model's context holds 32"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+    for batches in (0, -1):
+        with pytest.raises(ValueError, match=f"evaluation needs `batches` >= 1 .*, got {batches}"):
+            trainer.evaluate(batches)
+    # A run that will not sample does not need a prompt that fits.
+    assert Trainer(_config(tmp_path, sample_prompt="x" * 32, max_steps=5)).run().step == 5
