@@ -32,6 +32,10 @@ context_choice: str | None = None
 _warned: set[tuple[str, str, str]] = set()
 
 
+class BackendCannotServeError(RuntimeError):
+    """An explicitly chosen backend cannot serve a call (a dtype, size or feature it lacks); it does not fall back."""
+
+
 def _check_name(name: str, source: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"{source}: unknown lmrt backend {name!r}; expected one of {', '.join(BACKENDS)}")
@@ -139,7 +143,8 @@ def select(
             or unsupported(chosen)
         )
         if reason:
-            raise RuntimeError(f"lmrt.ops.{op}: the {chosen!r} backend was chosen but cannot serve this call: {reason}")
+            raise BackendCannotServeError(f"lmrt.ops.{op}: the {chosen!r} backend was chosen but cannot serve this "
+                                          f"call: {reason}")
         return chosen
     for name in _DEFAULT_ORDER.get(device.type, ("torch",)):
         if name not in implemented or unavailable_reason(name, device.type):

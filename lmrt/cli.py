@@ -40,7 +40,8 @@ from lmrt.train.config import MODELS, TOKENIZERS, TrainConfig, parse_overrides, 
 from lmrt.train.presets import PRESETS, with_preset
 from lmrt.train.trainer import NonFiniteLossError, Trainer, corpus_tokens
 
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImportError, NonFiniteLossError, OSError)
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImportError, NonFiniteLossError, OSError,
+               backends.BackendCannotServeError)
 
 
 def main(argv: list[str] | None = None) -> int:

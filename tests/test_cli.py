@@ -214,6 +214,9 @@ def test_eval_batches_must_be_positive(tmp_path, capsys):
     (["train", "--set", "sample_tokens=0"], "lmrt train: error: TrainConfig: `sample_tokens` must be >= 1, got 0"),
     (["train", "--set", *TINY, "sample_prompt=" + "x" * 40], "lmrt train: error: `sample_prompt` has 40 tokens; the "
                                                             "model's context holds 32"),
+    (["train", "--quiet", "--set", *TINY, "backend=cpp", "model_options={\"n_head\": 2, \"dropout\": 0.1}"],
+     "lmrt train: error: lmrt.ops.attention: the 'cpp' backend was chosen but cannot serve this call: its attention "
+     "kernels have no dropout"),
     (["train", "--data", "/nonexistent/texts"], "lmrt train: error: training text /nonexistent/texts does not exist"),
     (["eval", "--run", "/nonexistent"], "lmrt eval: error: no checkpoint in /nonexistent/checkpoints"),
     (["bench", "bench_everything"], "lmrt bench: error: unknown benchmark 'bench_everything'"),
