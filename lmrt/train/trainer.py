@@ -131,8 +131,8 @@ class Trainer:
                 # truth.
                 self.config = config = config.with_overrides([f"tokenizer={self.tokenizer.kind}"])
             train_tokens, validation_tokens = split_tokens(tokens, config.validation_fraction)
-            self.train_data = self._dataset(train_tokens)
-            self.validation_data = self._dataset(validation_tokens)
+            self.train_data = self._dataset(train_tokens, "training")
+            self.validation_data = self._dataset(validation_tokens, "validation")
         else:  # the checkpoint holds all that generation needs: the model and its tokenizer
             self.tokenizer, self.train_data, self.validation_data = saved_tokenizer, None, None
         self.model = _build_model(config, self.tokenizer).to(self.device)
@@ -162,11 +162,18 @@ class Trainer:
                                     f"{self.config.data!r}; a relative path is read from the current directory)"
                                     ) from None
 
-    def _dataset(self, tokens):
-        if self.config.model == "seq2seq":
-            half = self.config.context_length // 2
-            return Seq2SeqPairs.continuations(tokens, half, half - 1, self.tokenizer)
-        return LanguageModelWindows(tokens, self.config.context_length, seed=self.config.seed)
+    def _dataset(self, tokens, split: str):
+        try:
+            if self.config.model == "seq2seq":
+                half = self.config.context_length // 2
+                return Seq2SeqPairs.continuations(tokens, half, half - 1, self.tokenizer)
+            return LanguageModelWindows(tokens, self.config.context_length, seed=self.config.seed)
+        except ValueError as error:  # too few tokens for one example: say which split, and what would help
+            validation = split == "validation"
+            share = self.config.validation_fraction if validation else 1 - self.config.validation_fraction
+            larger = "a larger validation_fraction, " if validation else ""
+            raise ValueError(f"the {split} split ({share:.3g} of the data): {error}; use more text, {larger}or a "
+                             f"shorter context_length") from None
 
     def _restore(self, checkpoint: dict, source: Path) -> None:
         state = checkpoint["state"]

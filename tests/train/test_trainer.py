@@ -265,3 +265,12 @@ def test_bad_evaluation_and_sample_settings_are_refused_before_any_step(tmp_path
             trainer.evaluate(batches)
     # A run that will not sample does not need a prompt that fits.
     assert Trainer(_config(tmp_path, sample_prompt="x" * 32, max_steps=5)).run().step == 5
+
+
+def test_a_split_too_short_for_one_example_is_named(tmp_path):
+    (tmp_path / "text.txt").write_text("x" * 2000)  # byte tokens: 1900 for training, 100 for validation
+    with pytest.raises(ValueError, match=r"the validation split \(0.05 of the data\): the token stream has 100 "
+                                         r"tokens; .* use more text, a larger validation_fraction, or a shorter"):
+        Trainer(_config(tmp_path, data=str(tmp_path / "text.txt"), context_length=200))
+    with pytest.raises(ValueError, match=r"the training split \(0.95 of the data\): the token stream has 1900 "):
+        Trainer(_config(tmp_path, data=str(tmp_path / "text.txt"), context_length=2000))
