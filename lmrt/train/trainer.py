@@ -94,13 +94,17 @@ class Trainer:
     def continue_run(cls, out_dir: str | Path, changes: dict | None = None, on_event: Event | None = None,
                      load_data: bool = True) -> Trainer:
         """The run in `out_dir`, from its latest checkpoint and with the config saved there, changed by `changes`:
-        a setting of RESUMABLE_CHANGES takes its new value, any other must equal the saved one (CheckpointError).
+        a setting of RESUMABLE_CHANGES takes its new value, any other must equal the saved one (CheckpointError);
+        model_options add to the saved ones key by key, as they do to a preset's.
         The run lives in `out_dir` from then on, whatever out_dir it was trained with (a copied or moved run).
         `load_data=False` reads no corpus: the trainer generates text but cannot train or evaluate. Reads the
         checkpoint once."""
         checkpoint, path = _latest_checkpoint(out_dir)
         saved = checkpoint["state"]["config"]
-        config = TrainConfig.from_dict({**saved, **(changes or {}), "out_dir": str(out_dir)})
+        changes = dict(changes or {})
+        if isinstance(changes.get("model_options"), dict):  # they add to the saved ones, as to a preset's
+            changes["model_options"] = {**saved["model_options"], **changes["model_options"]}
+        config = TrainConfig.from_dict({**saved, **changes, "out_dir": str(out_dir)})
         _check_resumable(config, saved, path)
         trainer = cls.__new__(cls)
         trainer._set_up(config, on_event, checkpoint, path, load_data)

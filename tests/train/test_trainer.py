@@ -234,6 +234,11 @@ def test_continue_run_refuses_only_changes_it_cannot_make(tmp_path):
     trainer = Trainer.continue_run(tmp_path / "run", {"learning_rate": 1e-3, "model": "gpt", "max_steps": 2000,
                                                       "max_minutes": None})
     assert (trainer.config.max_steps, trainer.config.max_minutes, trainer.config.learning_rate) == (2000, None, 1e-3)
+    # model_options add to the saved ones (the same command again, say, whose preset gave the rest): a part of them
+    # is no change; a different value is.
+    Trainer.continue_run(tmp_path / "run", {"model_options": {"n_layer": 1}})
+    with pytest.raises(CheckpointError, match="it was trained with model_options="):
+        Trainer.continue_run(tmp_path / "run", {"model_options": {"n_layer": 2}})
 
 
 def test_the_backend_setting_runs_training_evaluation_and_samples(tmp_path):
