@@ -129,6 +129,16 @@ def parse_overrides(overrides: list[str]) -> dict:
     return settings
 
 
+def settings_over(base: dict, settings: dict) -> dict:
+    """`settings` over `base` (a preset's, a saved run's): base's where settings give none, and model_options added
+    key by key."""
+    merged = {**base, **settings}
+    options = settings.get("model_options")
+    if isinstance(options, dict):  # anything else, TrainConfig refuses with its own message
+        merged["model_options"] = {**base.get("model_options", {}), **options}
+    return merged
+
+
 def read_settings(path: str | Path) -> dict:
     """The mapping in a YAML or TOML file, with a clear error for a missing, unreadable or malformed one."""
     path = Path(path)

@@ -7,6 +7,8 @@ visibly in about five minutes on a 2-core CPU; `gpt2-small` is GPT-2 small (124M
 
 from __future__ import annotations
 
+from lmrt.train.config import settings_over
+
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         context_length=128, batch_size=16, max_steps=2500, learning_rate=2e-3, min_learning_rate=2e-4,
@@ -47,9 +49,4 @@ def with_preset(settings: dict) -> dict:
     name = settings.get("preset")
     if name is None:
         return dict(settings)
-    base = preset_settings(name, settings.get("model", "gpt"))
-    merged = {**base, **settings}
-    options = settings.get("model_options", {})
-    if isinstance(options, dict):  # anything else, TrainConfig refuses with its own message
-        merged["model_options"] = {**base["model_options"], **options}
-    return merged
+    return settings_over(preset_settings(name, settings.get("model", "gpt")), settings)

@@ -56,7 +56,7 @@ from lmrt.train.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
-from lmrt.train.config import TrainConfig
+from lmrt.train.config import TrainConfig, settings_over
 
 # Settings a resumed run may change: how long it runs, what it reports and where it computes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_minutes", "eval_interval", "sample_interval", "sample_tokens", "sample_prompt",
@@ -101,10 +101,7 @@ class Trainer:
         checkpoint once."""
         checkpoint, path = _latest_checkpoint(out_dir)
         saved = checkpoint["state"]["config"]
-        changes = dict(changes or {})
-        if isinstance(changes.get("model_options"), dict):  # they add to the saved ones, as to a preset's
-            changes["model_options"] = {**saved["model_options"], **changes["model_options"]}
-        config = TrainConfig.from_dict({**saved, **changes, "out_dir": str(out_dir)})
+        config = TrainConfig.from_dict({**settings_over(saved, changes or {}), "out_dir": str(out_dir)})
         _check_resumable(config, saved, path)
         trainer = cls.__new__(cls)
         trainer._set_up(config, on_event, checkpoint, path, load_data)
