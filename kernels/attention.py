@@ -44,6 +44,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 # attn_mask kinds (the MASK_KIND constexpr)
@@ -88,6 +89,15 @@ def _key_spans(m0, q_len, k_len, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _mask_log2(mask):
+    """An additive mask in base-2 units. A finite value below -FLT_MAX / log2 e (the dtype's minimum, which Hugging
+    Face masks use) would overflow to -inf, which means "no key", and a row masked that way would give zeros where
+    PyTorch averages the values; it becomes -FLT_MAX instead. -inf and NaN stay as they are."""
+    scaled = mask * _LOG2E
+    return tl.where((scaled == float("-inf")) & (mask > float("-inf")), -_FLT_MAX, scaled)
+
+
+@triton.jit
 def _scores(qk, rows, cols, q_len, k_len, shift, qk_scale2, mask_base, stride_mm, stride_mn,
             CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDS: tl.constexpr):
     """Scores in base-2 units (qk * scale * log2 e, plus the additive mask), -inf where a key is masked out.
@@ -102,7 +112,7 @@ def _scores(qk, rows, cols, q_len, k_len, shift, qk_scale2, mask_base, stride_mm
         if MASK_KIND == 1:
             s = tl.where(mask != 0, s, float("-inf"))
         else:
-            s += mask.to(tl.float32) * _LOG2E
+            s += _mask_log2(mask.to(tl.float32))
     if BOUNDS:
         visible = cols < k_len
         if CAUSAL:

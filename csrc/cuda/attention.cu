@@ -45,6 +45,7 @@
 // rows past the sequence and columns past the head dim; otherwise element by element through registers.
 #include "attention.h"
 
+#include <cfloat>
 #include <climits>
 #include <cstdio>
 
@@ -235,6 +236,14 @@ __device__ __forceinline__ const unsigned char* mask_plane(const AttentionMask& 
   return static_cast<const unsigned char*>(mask.data) + (b * mask.batch_stride + h * mask.head_stride) * bytes;
 }
 
+// An additive mask value in base-2 units. A finite value below -FLT_MAX / log2 e (the dtype's minimum, which Hugging
+// Face masks use) would overflow to -inf, which means "no key", and a row masked that way would give zeros where
+// PyTorch averages the values; it becomes -FLT_MAX instead. -inf and NaN stay as they are.
+__device__ __forceinline__ float mask_log2(float value) {
+  const float scaled = value * kLog2e;
+  return scaled == -kInf && value > -kInf ? -FLT_MAX : scaled;
+}
+
 // Base-2 scores of one warp's (16 kMTiles) x (8 kTiles) tile: the additive mask added (times log2 e), and -inf
 // where a boolean mask, causality or the end of the keys hides a key. Lane 4g+t holds rows row + 16 m + {0, 8} and
 // columns col0 + 8j + 2t + {0, 1}; with kKeyRows the rows are keys and the columns queries (the dK/dV pass's S^T).
@@ -259,11 +268,11 @@ __device__ __forceinline__ void mask_scores(float (&s)[kMTiles][kTiles][4], int 
           if (p.mask.kind == MaskKind::kBool) {
             if (mask[at] == 0) x = -kInf;
           } else if (p.mask.dtype == DType::kFloat32) {
-            x += reinterpret_cast<const float*>(mask)[at] * kLog2e;
+            x += mask_log2(reinterpret_cast<const float*>(mask)[at]);
           } else if (p.mask.dtype == DType::kFloat16) {
-            x += to_float(reinterpret_cast<const __half*>(mask)[at]) * kLog2e;
+            x += mask_log2(to_float(reinterpret_cast<const __half*>(mask)[at]));
           } else {
-            x += to_float(reinterpret_cast<const __nv_bfloat16*>(mask)[at]) * kLog2e;
+            x += mask_log2(to_float(reinterpret_cast<const __nv_bfloat16*>(mask)[at]));
           }
         }
         if (bounds && (key >= p.k_len || (p.causal && key > query + p.shift))) x = -kInf;

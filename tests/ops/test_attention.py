@@ -227,6 +227,20 @@ def test_fully_masked_rows_give_zeros(kind, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_dtype_minimum_as_mask_is_finite(dtype, backend):
+    """Hugging Face masks hold torch.finfo(dtype).min, not -inf. Rows masked that way everywhere average the values
+    as in PyTorch (every score is the same), not the zeros of a row that sees no key; in base-2 units the float32
+    and bfloat16 minimum would overflow to -inf."""
+    q, k, v = _qkv(2, 2, 2, 19, 23, 32, dtype)
+    hidden = torch.rand(19, 23, device=DEVICE) < 0.3
+    hidden[[0, 7, 18]] = True  # rows 0, 7 and 18 see only masked keys
+    mask = torch.zeros(19, 23, device=DEVICE, dtype=dtype).masked_fill(hidden, torch.finfo(dtype).min)
+    _check_sdpa(backend, q, k, v, mask)
+    _check_sdpa(backend, q, k, v, mask, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_rows_before_the_first_key_give_zeros(backend):
     """flash-attn's bottom-right causal mask with Lq > Lk hides every key from the first Lq - Lk queries."""
     q, k, v = (t.transpose(1, 2).requires_grad_() for t in _qkv(1, 2, 2, 40, 9, 32, torch.float32))
