@@ -26,6 +26,7 @@
 
 #include <ATen/ExpandUtils.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -42,6 +43,9 @@ using lmrt::typed_operator;
 // Whether the extension serves a call on `device` under the backend choice `choice`: the value of
 // lmrt.backends.context_choice (a backend's name, or None when LMRT_BACKEND, then the default order, decides).
 bool extension_serves(PyObject* choice, c10::DeviceType device) {
+  if (at::autocast::is_autocast_enabled(device)) {
+    return false;  // the Python path casts as autocast casts the torch.nn.functional op (lmrt/ops/_autocast.py)
+  }
   const char* name = nullptr;
   if (choice != Py_None) {
     name = PyUnicode_Check(choice) ? PyUnicode_AsUTF8(choice) : nullptr;

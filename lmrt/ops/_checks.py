@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 
 def check_floating(op: str, name: str, tensor: torch.Tensor) -> None:
@@ -46,3 +47,14 @@ def check_dim(op: str, input: torch.Tensor, dim: int) -> int:
         raise IndexError(f"lmrt.ops.{op}: `dim` must be an int in [{-ndim}, {ndim - 1}] for `input` of shape "
                          f"{list(input.shape)}, got {dim!r}")
     return dim % ndim
+
+
+def refuse_forward_ad(op: str, *tensors: torch.Tensor | None) -> None:
+    """Refuse dual tensors (torch.func.jvp, torch.autograd.forward_ad): lmrt's custom ops have no forward-mode
+    formula, and PyTorch would give them a zero tangent without a word. lmrt._C's eager path refuses them too."""
+    if forward_ad._current_level < 0:  # no dual level entered: no tensor can carry a tangent
+        return
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and forward_ad.unpack_dual(tensor).tangent is not None:
+            raise RuntimeError(f"lmrt.ops.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                               "supported; use the reverse mode (backward)")

@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from lmrt import backends, reference
-from lmrt.ops._checks import check_floating
+from lmrt.ops._autocast import autocast_inputs
+from lmrt.ops._checks import check_floating, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, pick_backend
 
 # The largest head dim the Triton kernels take; larger ones fall back to the reference (or raise, when the
@@ -45,8 +46,10 @@ def scaled_dot_product_attention(
         if output is not None:
             return output
     op = "scaled_dot_product_attention"
+    query, key, value, attn_mask = autocast_inputs(op, query, key, value, attn_mask)
     check_attention_inputs(op, query, key, value, keys_dim=-2)
     check_dropout_p(op, dropout_p)
+    refuse_forward_ad(op, query, key, value, attn_mask)
     # Batch dims broadcast; a query/key tensor without a heads dim has one head.
     q, k, v = (t if t.dim() >= 3 else t.unsqueeze(0) for t in (query, key, value))
     try:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lmrt import reference
+from lmrt.ops._checks import refuse_forward_ad
 from lmrt.ops.attention import check_attention_inputs, check_dropout_p, draw_seed
 
 
@@ -21,6 +22,7 @@ def flash_attn_func(
     check_attention_inputs(op, q, k, v, keys_dim=1, ndim=4)
     check_dropout_p(op, dropout_p)
     _check_heads(op, q, k, v)
+    refuse_forward_ad(op, q, k, v)
     for name, t in (("key", k), ("value", v)):
         if t.shape[0] != q.shape[0]:
             raise ValueError(f"lmrt.ops.{op}: `{name}` has batch size {t.shape[0]} but `query` has {q.shape[0]}")
@@ -46,6 +48,7 @@ def flash_attn_varlen_func(
     check_attention_inputs(op, q, k, v, keys_dim=0, ndim=3)
     check_dropout_p(op, dropout_p)
     _check_heads(op, q, k, v)
+    refuse_forward_ad(op, q, k, v)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
             got = f"{cu.dtype} tensor of shape {list(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__

@@ -9,7 +9,8 @@ from torch.compiler import is_compiling
 
 from lmrt import backends, reference
 from lmrt._layout import as_rows
-from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
+from lmrt.ops._autocast import autocast_inputs
+from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, flat_parameter, pick_backend, unit_column_stride
 
 
@@ -25,10 +26,12 @@ def layer_norm(
         output = eager_calls.layer_norm(backends.context_choice, input, normalized_shape, weight, bias, eps)
         if output is not None:
             return output
+    input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
     check_floating("layer_norm", "input", input)
     normalized_shape = check_normalized_shape("layer_norm", input, normalized_shape)
     check_parameter("layer_norm", "weight", weight, input, normalized_shape)
     check_parameter("layer_norm", "bias", bias, input, normalized_shape)
+    refuse_forward_ad("layer_norm", input, weight, bias)
     return torch.ops.lmrt.layer_norm_fwd(input, normalized_shape, weight, bias, eps)[0]
 
 

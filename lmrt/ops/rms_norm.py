@@ -9,7 +9,8 @@ from torch.compiler import is_compiling
 
 from lmrt import backends, reference
 from lmrt._layout import as_rows
-from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter
+from lmrt.ops._autocast import autocast_inputs
+from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, flat_parameter, pick_backend, unit_column_stride
 
 
@@ -28,9 +29,11 @@ def rms_norm(
         output = eager_calls.rms_norm(backends.context_choice, input, normalized_shape, weight, eps)
         if output is not None:
             return output
+    input, weight = autocast_inputs("rms_norm", input, weight)
     check_floating("rms_norm", "input", input)
     normalized_shape = check_normalized_shape("rms_norm", input, normalized_shape)
     check_parameter("rms_norm", "weight", weight, input, normalized_shape)
+    refuse_forward_ad("rms_norm", input, weight)
     eps = torch.finfo(reference.compute_dtype(input.dtype)).eps if eps is None else eps
     return torch.ops.lmrt.rms_norm_fwd(input, normalized_shape, weight, eps)[0]
 

@@ -8,7 +8,8 @@ from torch.compiler import is_compiling
 
 from lmrt import backends, reference
 from lmrt._layout import as_outer_dim_inner
-from lmrt.ops._checks import check_dim, check_floating
+from lmrt.ops._autocast import autocast_dtype
+from lmrt.ops._checks import check_dim, check_floating, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, pick_backend, unit_column_stride
 
 
@@ -35,17 +36,20 @@ def _cast_rounds(input: Tensor, dtype: torch.dtype | None) -> bool:
 
 
 def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
+    op = _op_name(log)
+    if dtype is None:
+        dtype = autocast_dtype(op, input)  # float32 under autocast on CUDA, as F.softmax
     if _cast_rounds(input, dtype):
         input = input.to(dtype)  # F.softmax casts before the softmax
     if not is_compiling():
         output = eager_calls.softmax(backends.context_choice, input, dim, dtype, log)
         if output is not None:
             return output
-    op = _op_name(log)
     check_floating(op, "input", input)
     dim = check_dim(op, input, dim)
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"lmrt.ops.{op}: `dtype` must be a floating-point dtype, got {dtype}")
+    refuse_forward_ad(op, input)
     out_dtype = input.dtype if dtype is None else dtype
     if input.dim() == 0:
         return _softmax(input.reshape(1), 0, dtype, log).reshape(())
