@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from lmrt import nn as lmrt_nn
+from lmrt import ops
 
 # torch.nn classes and their lmrt subclasses, which have the same constructor, attributes and parameters: a
 # replacement is a copy of the original's instance state (configuration, parameters, hooks) under the lmrt class.
@@ -60,6 +61,22 @@ HF_RMS_NORM_CLASSES = frozenset({
     "VibeVoiceAsrRMSNorm", "VibeVoiceRMSNorm", "VoxtralRealtimeRMSNorm", "Xcodec2RMSNorm", "YoutuRMSNorm",
     "Zamba2RMSNorm", "ZambaRMSNorm", "ZayaRMSNorm",
 })
+
+
+
+class HuggingFaceRMSNorm(lmrt_nn.RMSNorm):
+    """lmrt.nn.RMSNorm in place of a Hugging Face RMSNorm (HF_RMS_NORM_CLASSES), with its output dtype.
+
+    When the weight's dtype is the input's, this is lmrt.nn.RMSNorm. Otherwise (bfloat16 activations, a float32
+    weight) it computes as Hugging Face does: the normalized value rounded to the input's dtype, times the weight in
+    the promoted dtype.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == input.dtype:
+            return super().forward(input)
+        return self.weight * ops.rms_norm(input, self.normalized_shape, None, self.eps)
+
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -111,14 +128,13 @@ class PatchReport:
 
 def patch(model: torch.nn.Module) -> PatchReport:
     """Replace, in place, every submodule of `model` that is exactly a torch.nn.LayerNorm, torch.nn.RMSNorm or
-    torch.nn.Softmax by its lmrt.nn counterpart, and every Hugging Face RMSNorm of HF_RMS_NORM_CLASSES by an
-    lmrt.nn.RMSNorm (eps = its `variance_epsilon`).
+    torch.nn.Softmax by its lmrt.nn counterpart, and every Hugging Face RMSNorm of HF_RMS_NORM_CLASSES by a
+    HuggingFaceRMSNorm, an lmrt.nn.RMSNorm (eps = its `variance_epsilon`) with Hugging Face's output dtype.
 
     The replacements share the originals' Parameter objects and training mode. Hugging Face's RMSNorm rounds the
-    normalized value to the input's dtype and then multiplies by the weight in the promoted dtype; lmrt's multiplies
-    in float32 and rounds once to the input's dtype. So for float16/bfloat16 the results differ by about an ulp
-    (lmrt's being the more accurate), and with a weight of another dtype than the input (bfloat16 activations,
-    float32 weight) the output has the input's dtype where Hugging Face's has the promoted one.
+    normalized value to the input's dtype and then multiplies by the weight in the promoted dtype; with a weight of
+    the input's dtype lmrt's multiplies in float32 and rounds once, so for float16/bfloat16 the results differ by
+    about an ulp (lmrt's being the more accurate).
 
     A module whose forward was replaced on the instance (by a hook library, say), a Hugging Face norm with hooks or
     an unexpected structure, and a Softmax with dim=None are left as they are and listed in the report's `skipped`.
@@ -196,7 +212,7 @@ def _reason_to_skip(module: torch.nn.Module) -> str | None:
 
 def _replacement(module: torch.nn.Module) -> torch.nn.Module:
     if _is_hf_rms_norm(module):
-        new = lmrt_nn.RMSNorm(tuple(module.weight.shape), eps=float(module.variance_epsilon), device="meta")
+        new = HuggingFaceRMSNorm(tuple(module.weight.shape), eps=float(module.variance_epsilon), device="meta")
         new.weight = module.weight
         new.training = module.training
     else:

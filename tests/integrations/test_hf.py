@@ -23,9 +23,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 import lmrt  # noqa: E402
 from lmrt.integrations import hf  # noqa: E402
-from lmrt.patching import HF_RMS_NORM_CLASSES  # noqa: E402
+from lmrt.patching import HF_RMS_NORM_CLASSES, HuggingFaceRMSNorm  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
-from tests.tolerance import assert_within_torch_error  # noqa: E402
+from tests.tolerance import ULP_AT_ONE, assert_within_torch_error  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 97
@@ -152,9 +152,9 @@ def test_patch_swaps_llama_rms_norm():
     names = ["layers.0.input_layernorm", "layers.0.post_attention_layernorm", "layers.1.input_layernorm",
              "layers.1.post_attention_layernorm", "norm"]
     assert [r.name for r in report.replaced] == names == list(originals)
-    assert {(r.old_class.__name__, r.new_class) for r in report.replaced} == {("LlamaRMSNorm", lmrt.nn.RMSNorm)}
-    assert "layers.0.input_layernorm: transformers.models.llama.modeling_llama.LlamaRMSNorm -> lmrt.nn.RMSNorm" \
-        in str(report)
+    assert {(r.old_class.__name__, r.new_class) for r in report.replaced} == {("LlamaRMSNorm", HuggingFaceRMSNorm)}
+    assert ("layers.0.input_layernorm: transformers.models.llama.modeling_llama.LlamaRMSNorm -> "
+            "lmrt.patching.HuggingFaceRMSNorm") in str(report)
     for name, original in originals.items():
         module = model.get_submodule(name)
         assert module.weight is original.weight
@@ -167,6 +167,31 @@ def test_patch_swaps_llama_rms_norm():
 
     lmrt.unpatch(model)
     assert all(model.get_submodule(name) is original for name, original in originals.items())
+
+
+@pytest.mark.parametrize("weight_dtype,input_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                                       (torch.bfloat16, torch.bfloat16)], ids=str)
+def test_patched_rms_norm_keeps_hugging_face_dtypes(weight_dtype, input_dtype):
+    """LlamaRMSNorm multiplies by the weight in the promoted dtype (a float32 norm in a bfloat16 model gives
+    float32); its replacement gives the same dtype, and values within an ulp of the coarser dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    original = LlamaRMSNorm(32).to(weight_dtype)
+    torch.nn.init.normal_(original.weight)
+    model = torch.nn.Sequential(original)
+    reference = copy.deepcopy(model)
+    lmrt.patch(model)
+    x = torch.randn(3, 32, dtype=input_dtype, requires_grad=True)
+    out, expected = model(x), reference(x)
+    assert out.dtype == expected.dtype == torch.promote_types(weight_dtype, input_dtype)
+    ulp = max(ULP_AT_ONE[weight_dtype], ULP_AT_ONE[input_dtype])
+    scale = expected.detach().abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=0, atol=ulp * scale)
+    grad_x, grad_w = torch.autograd.grad(out.sum(), [x, model[0].weight])
+    expected_x, expected_w = torch.autograd.grad(expected.sum(), [x, reference[0].weight])
+    assert grad_x.dtype == input_dtype and grad_w.dtype == weight_dtype
+    torch.testing.assert_close(grad_x, expected_x, rtol=0, atol=4 * ulp * expected_x.abs().max().item())
+    torch.testing.assert_close(grad_w, expected_w, rtol=0, atol=4 * ulp * expected_w.abs().max().item())
 
 
 # Direct calls of the attention function against transformers' sdpa_attention_forward, for the cases the tiny models
