@@ -269,6 +269,9 @@ def _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_
     s_t = _scores(_dot(k, q_t, PRECISION, UPCAST_DOT), rows[None, :], cols[:, None], q_len, k_len, shift,
                   qk_scale2, mask_base, stride_mm, stride_mn, CAUSAL, MASK_KIND, BOUNDS)
     p_t = tl.math.exp2(s_t - lse2[None, :])
+    if BOUNDS:
+        # Rows past the queries hold q = 0, and 0 times an infinite key is NaN, which would reach dK and dV.
+        p_t = tl.where(row_ok[None, :], p_t, 0.0)
     dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST_DOT)
     if DROPOUT:
         keep = _dropout_keep(seed, rng_base, rows[None, :], cols[:, None], rng_row_stride, dropout_p)

@@ -247,7 +247,8 @@ __device__ __forceinline__ float mask_log2(float value) {
 // Base-2 scores of one warp's (16 kMTiles) x (8 kTiles) tile: the additive mask added (times log2 e), and -inf
 // where a boolean mask, causality or the end of the keys hides a key. Lane 4g+t holds rows row + 16 m + {0, 8} and
 // columns col0 + 8j + 2t + {0, 1}; with kKeyRows the rows are keys and the columns queries (the dK/dV pass's S^T).
-// bounds: this tile may cross the causal diagonal or the end of the keys.
+// bounds: this tile may cross the causal diagonal or the end of the keys (with kKeyRows: of the queries, whose rows
+// past the end hold q = 0, and 0 times an infinite key would be a NaN that reaches dK and dV).
 template <int kMTiles, int kTiles, bool kKeyRows>
 __device__ __forceinline__ void mask_scores(float (&s)[kMTiles][kTiles][4], int row, int col0, const Params& p,
                                             const unsigned char* mask, bool bounds) {
@@ -275,7 +276,9 @@ __device__ __forceinline__ void mask_scores(float (&s)[kMTiles][kTiles][4], int 
             x += mask_log2(to_float(reinterpret_cast<const __nv_bfloat16*>(mask)[at]));
           }
         }
-        if (bounds && (key >= p.k_len || (p.causal && key > query + p.shift))) x = -kInf;
+        if (bounds && (key >= p.k_len || (kKeyRows && query >= p.q_len) || (p.causal && key > query + p.shift))) {
+          x = -kInf;
+        }
         s[m][j][e] = x;
       }
     }
@@ -533,7 +536,7 @@ __global__ void __launch_bounds__(DkdvTiles<T, kHeadDim>::kThreads, kMinBlocksPe
     gemm_smem_smem<T, kMT, kM, kHeadDim, kP, kP>(pt, s_k + warp * kRows * kP, q_tile);
     scale_scores(pt, p.scale_log2);
     const unsigned char* mask = mask_plane(p.mask, b, h);
-    const bool bounds = p.causal && q0 < diagonal_end;
+    const bool bounds = (p.causal && q0 < diagonal_end) || q0 + kM > p.q_len;
     if (bounds || mask != nullptr) mask_scores<kMT, kM / 8, true>(pt, key, q0, p, mask, bounds);
 #pragma unroll
     for (int i = 0; i < kM / 8; ++i) {

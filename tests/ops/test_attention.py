@@ -272,6 +272,28 @@ def test_nan_scores_make_their_rows_nan(causal, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_key_that_no_query_sees_keeps_key_gradients_finite(backend):
+    """Key 3 holds +inf where every query is negative, so its scores are -inf: it takes no part, and dK and dV stay
+    finite as in PyTorch (dQ is NaN there too: 0 times the infinite key). 5 queries: the last query block of the
+    dK/dV pass has rows past the end, whose q = 0 times the infinite key must not reach dK and dV."""
+    q = -torch.rand(1, 1, 5, 8, device=DEVICE) - 0.1
+    k, v = torch.randn(1, 1, 7, 8, device=DEVICE), torch.randn(1, 1, 7, 8, device=DEVICE)
+    k[0, 0, 3, 0] = math.inf
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+    expected = run(F.scaled_dot_product_attention)
+    with lmrt.backend(backend):
+        got = run(lmrt.ops.scaled_dot_product_attention)
+    for name, result, torch_result in zip(["output", "dq", "dk", "dv"], got, expected, strict=True):
+        assert torch.equal(result.isnan(), torch_result.isnan()), name
+        torch.testing.assert_close(result.nan_to_num(0.0), torch_result.nan_to_num(0.0), msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
     _skip_without_full_attention(backend, "dropout")
