@@ -85,9 +85,12 @@ class Trainer:
     """Trains the model `config` describes; `resume=True` continues from the latest checkpoint in its out_dir."""
 
     def __init__(self, config: TrainConfig, on_event: Event | None = None, resume: bool = False):
-        checkpoint, checkpoint_path = _latest_checkpoint(config.out_dir) if resume else (None, None)
-        if checkpoint is not None:
+        if resume:
+            checkpoint, checkpoint_path = _latest_checkpoint(config.out_dir)
             _check_resumable(config, checkpoint["state"]["config"], checkpoint_path)
+        else:
+            _refuse_existing_run(config.out_dir)
+            checkpoint, checkpoint_path = None, None
         self._set_up(config, on_event, checkpoint, checkpoint_path, load_data=True)
 
     @classmethod
@@ -237,10 +240,10 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(self.out_dir / "tokenizer.json")
-            if self.step > 0:
-                # Resumed: drop the records written past the checkpoint. Here, not on loading: a load for evaluation
-                # or generation may be looking at a run that another process is training.
-                _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+            # Drop the records written past the starting step: past the checkpoint of a resumed run, or by a new
+            # run's earlier attempt that stopped before its first checkpoint. Here, not on loading: a load for
+            # evaluation or generation may be looking at a run that another process is training.
+            _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
         batches = self._micro_batches()
         started = time.perf_counter()
         train_loss = validation_loss = None
@@ -451,6 +454,15 @@ def _init_distributed(device: str) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpus else "gloo")
     return dist.get_rank(), world_size
+
+
+def _refuse_existing_run(out_dir: str | Path) -> None:
+    """A new run in a folder holding another's checkpoints would delete them (later steps count as an abandoned
+    continuation) and mix its metrics with theirs: refuse it."""
+    latest = CheckpointManager(Path(out_dir) / "checkpoints").latest()
+    if latest is not None:
+        raise CheckpointError(f"`out_dir` {out_dir} already holds a run (latest checkpoint {latest.name}); continue it "
+                              "with resume (lmrt train --resume), or train into another out_dir (--out)")
 
 
 def _latest_checkpoint(out_dir: str | Path) -> tuple[dict, Path]:

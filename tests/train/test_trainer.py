@@ -209,6 +209,24 @@ def test_only_a_run_that_trains_on_drops_the_records_past_its_checkpoint(tmp_pat
     assert sorted(_losses(tmp_path / "run")) == list(range(1, 7)) and _losses(tmp_path / "run")[5] != 99.0
 
 
+def test_a_new_run_in_a_folder_holding_a_run_is_refused(tmp_path):
+    """Without resume, a second run into the same folder would delete the first one's later checkpoints and mix
+    their metrics; it is refused and the folder left as it was. A folder holding only an attempt that stopped
+    before its first checkpoint is taken, its records dropped."""
+    Trainer(_config(tmp_path, max_steps=8)).run()
+    out = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in [*(out / "checkpoints").iterdir(), out / "metrics.jsonl"]}
+    with pytest.raises(CheckpointError, match=r"already holds a run \(latest checkpoint step-00000008.pt\).*resume"):
+        Trainer(_config(tmp_path, max_steps=2))
+    assert {p.name: p.read_bytes() for p in [*(out / "checkpoints").iterdir(), out / "metrics.jsonl"]} == before
+
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 99.0}) + "\n")
+    Trainer(_config(tmp_path, "started", max_steps=2)).run()
+    assert sorted(_losses(started)) == [1, 2] and 99.0 not in _losses(started).values()
+
+
 def test_generation_needs_only_the_checkpoint(tmp_path):
     (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
     Trainer(_config(tmp_path, data=str(tmp_path / "text.txt"), max_steps=4)).run()
