@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self):
+        _check_types(self)
         require_one_of(self, dict(model=MODELS, tokenizer=TOKENIZERS, precision=PRECISIONS))
         require_at_least(self, 1, ("context_length", "batch_size", "gradient_accumulation", "max_steps",
                                    "eval_interval", "eval_batches", "sample_interval", "checkpoint_interval",
@@ -87,8 +88,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: `grad_clip` must be > 0 or None, got {self.grad_clip}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"TrainConfig: `max_minutes` must be > 0 or None, got {self.max_minutes}")
-        if not isinstance(self.model_options, dict):
-            raise ValueError(f"TrainConfig: `model_options` must be a mapping, got {self.model_options!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -100,8 +99,12 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
-        """A config from a .yaml/.yml or .toml file; settings it leaves out keep their defaults."""
-        return cls.from_dict(read_settings(path))
+        """A config from a .yaml/.yml or .toml file; settings it leaves out keep their defaults. A string given for
+        a setting of another type is read as `--set` reads it (YAML takes 3e-4 for a string, say)."""
+        types = typing.get_type_hints(cls)
+        return cls.from_dict({key: _parse(key, value, types[key], f"config file {path}:")
+                              if isinstance(value, str) and key in types and str not in _types_of(types[key])
+                              else value for key, value in read_settings(path).items()})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,7 +173,30 @@ def read_settings(path: str | Path) -> dict:
     return settings
 
 
-def _parse(key: str, text: str, annotation):
+def _types_of(annotation) -> tuple[type, ...]:
+    """The types an annotation allows: (int,) for int, (float, NoneType) for float | None."""
+    return typing.get_args(annotation) or (annotation,)
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each setting of the type its annotation names (an int for a float too, never a bool for a number), so that
+    a value read from a file fails here, naming the setting, rather than as a traceback mid-run."""
+    for name, annotation in typing.get_type_hints(TrainConfig).items():
+        value, allowed = getattr(config, name), _types_of(annotation)
+        if isinstance(value, bool):
+            ok = bool in allowed
+        elif isinstance(value, int):
+            ok = int in allowed or float in allowed
+        else:
+            ok = isinstance(value, tuple(t for t in allowed if t is not bool))
+        if not ok:
+            need = " or ".join("None" if t is type(None) else "an integer" if t is int else "a number" if t is float
+                               else "true or false" if t is bool else "a mapping" if t is dict else "a string"
+                               for t in allowed)
+            raise ValueError(f"TrainConfig: `{name}` must be {need}, got {value!r}")
+
+
+def _parse(key: str, text: str, annotation, where: str = "override"):
     optional = type(None) in typing.get_args(annotation)
     base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
     if optional and text.lower() in ("none", "null", ""):
@@ -187,4 +213,4 @@ def _parse(key: str, text: str, annotation):
             return value
         return base(text)
     except ValueError as error:
-        raise ValueError(f"override {key}={text!r}: {error}") from None
+        raise ValueError(f"{where} {key}={text!r}: {error}") from None

@@ -62,3 +62,19 @@ def test_bad_files(tmp_path):
     (tmp_path / "run.json").write_text("{}")
     with pytest.raises(ValueError, match=r"must end in .yaml, .yml or .toml"):
         TrainConfig.from_file(tmp_path / "run.json")
+
+
+def test_file_values_are_read_as_their_settings_types(tmp_path):
+    """YAML reads 3e-4 and quoted values as strings; they are converted as --set converts them. A value of the
+    wrong type is refused naming the setting, not left to fail as a traceback mid-run."""
+    (tmp_path / "run.yaml").write_text("learning_rate: 3e-4\ntensorboard: 'false'\ncompile: 'no'\nmax_minutes: 2\n")
+    config = TrainConfig.from_file(tmp_path / "run.yaml")
+    assert (config.learning_rate, config.tensorboard, config.compile, config.max_minutes) == (3e-4, False, False, 2)
+    for text, message in [("max_steps = 'x'", r"run.toml: max_steps='x': invalid literal"),
+                          ("max_steps = 2.5", "`max_steps` must be an integer, got 2.5"),
+                          ("batch_size = true", "`batch_size` must be an integer, got True"),
+                          ("preset = 3", "`preset` must be a string or None, got 3"),
+                          ("model_options = 3", "`model_options` must be a mapping, got 3")]:
+        (tmp_path / "run.toml").write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_file(tmp_path / "run.toml")
