@@ -10,7 +10,10 @@ found. The build needs torch importable here, so install with `pip install --no-
 - MAX_JOBS bounds the parallel compile jobs;
 - LMRT_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 picks the x86 vector instructions of the CPU kernels (default: what torch
   finds on this machine, as the extension is built where it runs; DEFAULT gives a portable build).
-A failed or skipped build leaves a package that imports and runs on its other backends; `lmrt info` says why.
+A failed or skipped build leaves a package that imports and runs on its other backends; `lmrt info` says why (pip
+shows this script's warnings only with -v).
+The CPU capability lmrt._C is built for is written beside it, in lmrt/_C.cpu_capability, which lmrt reads before
+loading it: on a CPU without those instructions loading it would kill the process (SIGILL).
 """
 
 import os
@@ -31,22 +34,35 @@ CPU_CAPABILITY_FLAGS = {
 }
 
 
-def _cpu_capability_flags(torch) -> list[str]:
+# Read by lmrt.backends (CPU_CAPABILITY_RECORD) before it loads lmrt._C.
+CPU_CAPABILITY_RECORD = "_C.cpu_capability"
+
+
+def _cpu_capability(torch) -> str:
     capability = os.environ.get("LMRT_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
     if capability not in CPU_CAPABILITY_FLAGS:
         if "LMRT_CPU_CAPABILITY" in os.environ:
             raise ValueError(f"LMRT_CPU_CAPABILITY={capability!r}; expected one of {', '.join(CPU_CAPABILITY_FLAGS)}")
         capability = "DEFAULT"  # a capability of another architecture (ARM's SVE, say): the compiler's defaults
     print(f"lmrt: building the CPU kernels for CPU capability {capability}")
-    return CPU_CAPABILITY_FLAGS[capability]
+    return capability
+
+
+def _has_nvcc(cuda_home: str | None) -> bool:
+    """Whether CUDA_HOME (as torch found it) holds the nvcc that torch's build runs: a CUDA runtime image sets
+    CUDA_HOME, or has /usr/local/cuda, without the compiler."""
+    return cuda_home is not None and os.access(Path(cuda_home) / "bin" / "nvcc", os.X_OK)
 
 
 def _with_cuda(torch, cpp_extension) -> bool:
     forced = os.environ.get("LMRT_BUILD_CUDA")
     if forced not in (None, "", "0", "1"):
         raise ValueError(f"LMRT_BUILD_CUDA={forced!r}; expected 0 or 1")
+    cuda_home = cpp_extension.CUDA_HOME
+    no_nvcc = ("nvcc was not found (set CUDA_HOME)" if cuda_home is None else
+               f"nvcc was not found: CUDA_HOME {cuda_home} has no bin/nvcc; set it to a CUDA toolkit")
     missing = [why for why, absent in (("torch was built without CUDA", torch.version.cuda is None),
-                                       ("nvcc was not found (set CUDA_HOME)", cpp_extension.CUDA_HOME is None))
+                                       (no_nvcc, not _has_nvcc(cuda_home)))
                if absent]
     if forced == "1" and missing:
         raise RuntimeError(f"LMRT_BUILD_CUDA=1 but {' and '.join(missing)}")
@@ -78,7 +94,8 @@ def _extension_build():
         return [], {}
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """Builds lmrt._C, or warns and leaves it out when the compile fails: lmrt works without it.
+        """Builds lmrt._C, or warns and leaves it out when the compiler's checks or the compile fail: lmrt works
+        without it.
 
         Its objects go to build/temp.<platform>-<python> in the source tree in every kind of install: an editable
         install's own temporary folder would be thrown away, so that the next install, editable or a wheel,
@@ -89,18 +106,34 @@ def _extension_build():
             build = self.get_finalized_command("build")
             self.build_temp = str(ROOT / build.build_base / f"temp.{build.plat_name}-{sys.implementation.cache_tag}")
 
-        def build_extension(self, ext):
+        def build_extensions(self):
+            # torch's build_extensions checks the compiler (`c++ --version`) and nvcc before it compiles anything,
+            # so a failure there is caught here too, not only a compile error of build_extension.
             try:
-                super().build_extension(ext)
+                super().build_extensions()
             except Exception as error:  # a compiler error of any kind; the package stays usable
-                print(f"lmrt: WARNING: building {ext.name} failed, so the cpp and cuda backends are unavailable: "
-                      f"{error}")
-                # Nothing to install for it: the install steps that copy built extensions skip it.
-                self.extensions = [other for other in self.extensions if other is not ext]
+                print(f"lmrt: WARNING: building {', '.join(ext.name for ext in self.extensions)} failed, so the cpp "
+                      f"and cuda backends are unavailable: {error}")
+                # Nothing to install: the install steps that copy built extensions skip what is not listed.
+                self.extensions = []
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            # Beside the library in the build folder, whence the wheel takes both.
+            Path(self.get_ext_fullpath(ext.name)).with_name(CPU_CAPABILITY_RECORD).write_text(capability + "\n")
+
+        def copy_extensions_to_source(self):
+            # An in-place build (an editable install) copies the library from the build folder into lmrt/; the record
+            # goes with it.
+            super().copy_extensions_to_source()
+            for ext in self.extensions:  # self.inplace is set again, so get_ext_fullpath is the library's copy
+                built = Path(self.build_lib, self.get_ext_filename(ext.name)).with_name(CPU_CAPABILITY_RECORD)
+                self.copy_file(str(built), str(Path(self.get_ext_fullpath(ext.name)).with_name(CPU_CAPABILITY_RECORD)))
 
     # -ffp-contract=off: no multiply-add fused by the compiler behind the code's back (the kernels ask for FMAs
     # where they want them), so that a vector loop and its scalar tail round alike; as Inductor's CPU code.
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", *_cpu_capability_flags(torch)]
+    capability = _cpu_capability(torch)
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", *CPU_CAPABILITY_FLAGS[capability]]
     link_flags = ["-fopenmp"]
     if _with_cuda(torch, cpp_extension):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_cuda_arch_list(torch))
@@ -117,11 +150,12 @@ def _extension_build():
     return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extension_build()
-
-setup(
-    packages=find_packages(include=["lmrt", "lmrt.*"]) + ["lmrt.kernels"],
-    package_dir={"lmrt.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Guarded so that the tests can import this file's functions; pip's build backend runs it as __main__.
+if __name__ == "__main__":
+    ext_modules, cmdclass = _extension_build()
+    setup(
+        packages=find_packages(include=["lmrt", "lmrt.*"]) + ["lmrt.kernels"],
+        package_dir={"lmrt.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

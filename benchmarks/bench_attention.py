@@ -108,10 +108,10 @@ class AttentionBenchmark(harness.OpBenchmark):
     reference = staticmethod(reference.scaled_dot_product_attention)
 
     def add_grid_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--seqlens", nargs="+", type=int, metavar="L", help="default: the grid's; batch = "
-                            "tokens // L at the grid's tokens per batch")
-        parser.add_argument("--head-dims", nargs="+", type=int, metavar="D", help="default: the grid's; heads = "
-                            "width // D at the grid's model width")
+        parser.add_argument("--seqlens", nargs="+", type=common.positive_int, metavar="L",
+                            help="default: the grid's; batch = tokens // L at the grid's tokens per batch")
+        parser.add_argument("--head-dims", nargs="+", type=common.positive_int, metavar="D",
+                            help="default: the grid's; heads = width // D at the grid's model width")
 
     def providers(self, device: torch.device, compile_skip: str | None) -> tuple[list[Provider], dict[str, str]]:
         found, skipped = harness.lmrt_providers(lmrt.ops.scaled_dot_product_attention, device)

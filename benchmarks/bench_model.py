@@ -402,7 +402,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=("gpt-tiny", "gpt2-small"), help="default: the device's")
     parser.add_argument("--no-compile", action="store_true", help="no torch-compile provider")
     common.add_output_arguments(parser, "bench_model.json, .csv and .png")
-    return parser.parse_args(argv)
+    return common.parse_arguments(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None, ceilings: common.Ceilings | None = None,

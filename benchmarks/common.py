@@ -522,6 +522,30 @@ def add_output_arguments(parser: argparse.ArgumentParser, written: str) -> None:
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (a grid's size)."""
+    message = f"expected a positive integer, got {text!r}"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(message) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(message)
+    return value
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parser.parse_args(argv), with the folder of --out created: one that cannot be is a usage error now, not an
+    OSError once the whole run is done."""
+    args = parser.parse_args(argv)
+    if getattr(args, "out", None) is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"argument --out: cannot create the folder {str(args.out)!r}: {error.strerror or error}")
+    return args
+
+
 def output_dir(args: argparse.Namespace, device: torch.device) -> Path | None:
     """Where --out or --save asks the results to go, or None."""
     if getattr(args, "save", False):

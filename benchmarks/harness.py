@@ -358,7 +358,7 @@ class OpBenchmark:
              deadline: float | None = None) -> list[dict[str, Any]]:
         """Run the benchmark the command line asks for, with the ceilings given (else measured first); print the
         table, write --out or --save; return the result rows."""
-        args = self.parser().parse_args(argv)
+        args = common.parse_arguments(self.parser(), argv)
         device = common.default_device()
         with common.cpu_settings(device, args.quick):
             return self._main(args, device, ceilings, deadline)

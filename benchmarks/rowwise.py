@@ -78,9 +78,9 @@ class RowwiseBenchmark(harness.OpBenchmark):
         raise NotImplementedError
 
     def add_grid_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--rows", type=int, metavar="M", help="default: the grid's (1024 on the CPU, 4096 on "
-                            "CUDA)")
-        parser.add_argument("--cols", nargs="+", type=int, metavar="N", help="default: the grid's")
+        parser.add_argument("--rows", type=common.positive_int, metavar="M",
+                            help="default: the grid's (1024 on the CPU, 4096 on CUDA)")
+        parser.add_argument("--cols", nargs="+", type=common.positive_int, metavar="N", help="default: the grid's")
 
     def providers(self, device: torch.device, compile_skip: str | None) -> tuple[list[Provider], dict[str, str]]:
         found, skipped = harness.lmrt_providers(self.lmrt_op, device)

@@ -35,6 +35,11 @@ def run(names: Sequence[str] = (), quick: bool = False, out: Path | str | None =
     if unknown:
         raise ValueError(f"unknown benchmark {unknown[0]!r}; the benchmarks are {', '.join(BENCHMARKS)}")
     names = list(names) or list(BENCHMARKS)
+    if out is not None:  # before the run, not once it is done
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(f"cannot create the output folder {str(out)!r}: {error.strerror or error}") from error
     device = common.default_device()
     with common.cpu_settings(device, quick):
         ceilings = common.measure_ceilings(device, common.timer_for(device, quick), quick)
@@ -66,5 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile providers")
     parser.add_argument("--budget", type=float, metavar="SECONDS", help="stop starting new points after this long")
     common.add_output_arguments(parser, "each benchmark's JSON, CSV and PNG")
-    args = parser.parse_args(argv)
+    args = common.parse_arguments(parser, argv)
+    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if unknown:
+        # Checked here rather than by `choices`, which argparse would also apply to the empty default.
+        parser.error(f"argument NAME: invalid choice: {unknown[0]!r} (choose from {', '.join(BENCHMARKS)})")
     return run(args.names, args.quick, args.out, args.save, args.no_plot, args.no_compile, args.budget)

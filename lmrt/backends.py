@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.machinery
 import importlib.util
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -75,14 +77,55 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Written by setup.py beside lmrt._C: the x86 vector instructions its CPU kernels were compiled for, by the names of
+# torch.backends.cpu.get_cpu_capability(); each of CPU_CAPABILITIES includes the ones before it.
+CPU_CAPABILITY_RECORD = Path(__file__).with_name("_C.cpu_capability")
+CPU_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+def cpu_capability_refusal(built: str, running: str) -> str | None:
+    """Why an lmrt._C built for CPU capability `built` must not be loaded where torch finds `running`, or None.
+
+    Loading it there would kill the process (SIGILL) rather than raise. A value outside CPU_CAPABILITIES (another
+    architecture's, or a later torch's) matches only itself."""
+    if built == "DEFAULT" or built == running:
+        return None
+    if built in CPU_CAPABILITIES and running in CPU_CAPABILITIES and \
+            CPU_CAPABILITIES.index(running) >= CPU_CAPABILITIES.index(built):
+        return None
+    rebuild = running if running in CPU_CAPABILITIES else "DEFAULT"
+    return (f"lmrt._C was built for {built} but this CPU supports {running}; rebuild with "
+            f"LMRT_CPU_CAPABILITY={rebuild}" + (" (or DEFAULT for a portable build)" if rebuild != "DEFAULT" else ""))
+
+
+def _source_checkout_without_extension() -> Path | None:
+    """lmrt's folder when it is a source checkout's lmrt/ with no lmrt._C built in it (run from the repository root
+    after a non-editable install, the checkout's lmrt comes first on sys.path), else None."""
+    package = Path(__file__).parent
+    if (package.parent / "setup.py").is_file() and \
+            not any((package / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        return package
+    return None
+
+
 @functools.cache
 def extension_status() -> tuple[bool, bool, str]:
     """(cpp built, cuda built, why not) for the extension lmrt._C."""
+    # A build without a record (before setup.py wrote one) loads as before.
+    if CPU_CAPABILITY_RECORD.is_file():
+        refusal = cpu_capability_refusal(CPU_CAPABILITY_RECORD.read_text().strip(),
+                                         torch.backends.cpu.get_cpu_capability())
+        if refusal:
+            return False, False, refusal
     try:
         import lmrt._C  # noqa: F401  (loading the library registers torch.ops.lmrt_C)
     except ImportError as error:
-        return False, False, (f"lmrt._C is not built ({error}); reinstall with `pip install --no-build-isolation "
-                              "-e .` and read its build log")
+        if (checkout := _source_checkout_without_extension()) is not None:
+            return False, False, (f"lmrt was imported from {checkout}, a source checkout without a built lmrt._C: "
+                                  "build it there with `pip install -v --no-build-isolation -e .`, or run from "
+                                  "outside the checkout to use an installed lmrt")
+        return False, False, (f"lmrt._C is not built ({error}); reinstall with `pip install -v --no-build-isolation "
+                              "-e .` and read its build log (pip shows it only with -v)")
     if torch.ops.lmrt_C.built_with_cuda():
         return True, True, ""
     if torch.version.cuda is None:

@@ -184,15 +184,21 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
+    # `python -m lmrt` has the current folder on sys.path, but the `lmrt` console script has its bin/ folder there
+    # instead, so the benchmarks of the checkout it is run from are looked for in the current folder.
+    if importlib.util.find_spec("benchmarks") is None and (Path.cwd() / "benchmarks" / "suite.py").is_file():
+        sys.path.insert(0, str(Path.cwd()))
     if importlib.util.find_spec("benchmarks") is None:
-        raise ImportError("lmrt bench runs the benchmark suite of a source checkout: run it from the repository root")
+        raise ImportError("lmrt bench runs the benchmark suite of a source checkout: run it from the repository root "
+                          f"(the folder that holds benchmarks/), not {Path.cwd()}")
     from benchmarks import suite
 
     return suite.run(args.benchmarks, quick=args.quick, out=args.out, save=args.save)
 
 
 def _info(args) -> int:
-    lines = [f"lmrt {lmrt.__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    lines = [f"lmrt {lmrt.__version__} (imported from {Path(lmrt.__file__).parent})",
+             f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for package in ("triton", "transformers", "tokenizers"):
         spec = importlib.util.find_spec(package)
         lines.append(f"{package} {_version(package) if spec else 'not installed'}")

@@ -1,5 +1,10 @@
+import os
 import shutil
+import site
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +91,50 @@ def test_extension_is_built_where_a_compiler_is():
     built, _, why_not = backends.extension_status()
     assert built, why_not
     assert "cpp" in lmrt.available_backends("cpu")
+
+
+@pytest.mark.parametrize("built,running,loads", [
+    ("DEFAULT", "DEFAULT", True), ("DEFAULT", "AVX512", True), ("DEFAULT", "SVE256", True),
+    ("AVX2", "AVX2", True), ("AVX2", "AVX512", True), ("AVX512", "AVX512", True),
+    ("AVX2", "DEFAULT", False), ("AVX512", "AVX2", False), ("AVX512", "DEFAULT", False),
+    # A capability outside DEFAULT < AVX2 < AVX512 matches only itself.
+    ("SVE256", "SVE256", True), ("SVE256", "AVX512", False), ("AVX2", "ZVECTOR", False),
+])
+def test_cpu_capability_order(built, running, loads):
+    assert (backends.cpu_capability_refusal(built, running) is None) == loads
+
+
+def test_extension_built_for_more_than_this_cpu_is_not_loaded(tmp_path, monkeypatch):
+    """Loading it would kill the process with SIGILL; the cpp and cuda backends are unavailable instead, saying why."""
+    record = tmp_path / "_C.cpu_capability"
+    record.write_text("AVX512\n")
+    monkeypatch.setattr(backends, "CPU_CAPABILITY_RECORD", record)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert backends.extension_status.__wrapped__() == (
+        False, False, "lmrt._C was built for AVX512 but this CPU supports AVX2; rebuild with LMRT_CPU_CAPABILITY=AVX2 "
+                      "(or DEFAULT for a portable build)")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert backends.extension_status.__wrapped__()[2].endswith("rebuild with LMRT_CPU_CAPABILITY=DEFAULT")
+
+
+def test_extension_without_a_capability_record_loads_as_before(tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "CPU_CAPABILITY_RECORD", tmp_path / "_C.cpu_capability")  # an older build's
+    assert backends.extension_status.__wrapped__() == backends.extension_status()
+
+
+def test_a_source_checkout_without_the_extension_says_so(tmp_path):
+    """Run from the repository root after a non-editable install, `lmrt` is the checkout's lmrt/, without lmrt._C;
+    the reason names that folder instead of calling the installed build failed."""
+    checkout, root = tmp_path / "checkout", Path(__file__).parents[1]
+    for folder in ("lmrt", "kernels"):
+        shutil.copytree(root / folder, checkout / folder, ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    (checkout / "setup.py").touch()
+    probe = "from lmrt import backends; print(backends.unavailable_reason('cpp', 'cpu'))"
+    # -S with site-packages on PYTHONPATH: no .pth files, so that an editable install's finder cannot supply the
+    # lmrt._C of its own checkout, as it would do for any lmrt package.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), *site.getsitepackages()])}
+    done = subprocess.run([sys.executable, "-S", "-c", probe], cwd=checkout, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"lmrt was imported from {checkout / 'lmrt'}, a source checkout without a built "
+                                  "lmrt._C: build it there with `pip install -v --no-build-isolation -e .`, or run "
+                                  "from outside the checkout"), done.stdout

@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +221,8 @@ def test_eval_batches_must_be_positive(tmp_path, capsys):
     (["train", "--data", "/nonexistent/texts"], "lmrt train: error: training text /nonexistent/texts does not exist"),
     (["eval", "--run", "/nonexistent"], "lmrt eval: error: no checkpoint in /nonexistent/checkpoints"),
     (["bench", "bench_everything"], "lmrt bench: error: unknown benchmark 'bench_everything'"),
+    (["bench", "softmax", "--quick", "--out", "/dev/null/x"], "lmrt bench: error: cannot create the output folder "
+                                                              "'/dev/null/x': Not a directory"),
     (["tokenize", "--data", "/nonexistent/texts"], "lmrt tokenize: error: training text /nonexistent/texts does not "
                                                    "exist"),
     (["tokenize", "--out", "corpus.txt"], "lmrt tokenize: error: --out corpus.txt must end in .bin"),
@@ -234,3 +237,14 @@ def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
 def test_info_and_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "lmrt", "info"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("lmrt ") and "backend torch: available on cpu" in result.stdout
+
+
+def test_bench_from_the_console_script_finds_the_checkout_benchmarks():
+    """The `lmrt` console script has its bin/ folder first on sys.path, where `python -m lmrt` has the current folder:
+    simulated by taking the current folder off sys.path once lmrt is imported, then run from the repository root."""
+    code = ("import os, sys, lmrt.cli; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
+            "sys.exit(lmrt.cli.main(['bench', 'no_such_benchmark']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    # suite.run's refusal: the checkout's benchmarks package was found.
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("lmrt bench: error: unknown benchmark 'no_such_benchmark'"), done.stderr
