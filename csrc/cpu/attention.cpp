@@ -84,19 +84,36 @@ struct ScoreRow {
   float scale;
 };
 
-// x - shift, x = scale s + bias, over the row's keys [j, j + kWidth): one fused multiply-add without a mask.
-static inline Vec scores(const ScoreRow& row, int64_t j, float shift) {
+// x = scale s + bias, rounded to float32, over the row's keys [j, j + kWidth): one multiply without a mask, one
+// fused multiply-add with one.
+static inline Vec score_values(const ScoreRow& row, int64_t j) {
   const Vec s = Vec::loadu(row.s + j);
-  if (row.bias == nullptr) return at::vec::fmadd(s, Vec(row.scale), Vec(-shift));
-  return at::vec::fmadd(s, Vec(row.scale), Vec::loadu(row.bias + j)) - Vec(shift);
+  if (row.bias == nullptr) return s * Vec(row.scale);
+  return at::vec::fmadd(s, Vec(row.scale), Vec::loadu(row.bias + j));
+}
+
+// x over the row's keys [j, j + count), count <= kWidth; the lanes past count are 0 or the bias's, for the caller
+// to set.
+static inline Vec score_values(const ScoreRow& row, int64_t j, int64_t count) {
+  const Vec s = Vec::loadu(row.s + j, count);
+  if (row.bias == nullptr) return s * Vec(row.scale);
+  return at::vec::fmadd(s, Vec(row.scale), Vec::loadu(row.bias + j, count));
+}
+
+// x - shift over the row's keys [j, j + kWidth), the shift the row max (forward) or lse (backward). x is the
+// rounded value the max was taken over, so the max's own key gets exp(0) = 1 and no key's x - max is positive. A
+// fused multiply-add of the exact product, scale s - max, saves an instruction but is off from the rounded x by up
+// to half an ulp of x: past |max| ~ 2^31 (scores of 1e12, or q and k near 1e6 at the default scale, which
+// F.scaled_dot_product_attention takes) that is more than 88 either way, and exp of the max's own key overflowed
+// to inf or underflowed to 0, which made the row NaN (inf / inf or 0 / 0), forward and backward. Clamping that
+// fused argument at 0 costs the same instruction and fixes only the overflow.
+static inline Vec scores(const ScoreRow& row, int64_t j, float shift) {
+  return score_values(row, j) - Vec(shift);
 }
 
 // x - shift over the row's keys [j, j + count), count <= kWidth, and -inf in the lanes past count.
 static inline Vec scores(const ScoreRow& row, int64_t j, int64_t count, float shift) {
-  const Vec s = Vec::loadu(row.s + j, count);
-  const Vec x = row.bias == nullptr ? at::vec::fmadd(s, Vec(row.scale), Vec(-shift))
-                                    : at::vec::fmadd(s, Vec(row.scale), Vec::loadu(row.bias + j, count)) - Vec(shift);
-  return Vec::set(Vec(-kInf), x, count);
+  return Vec::set(Vec(-kInf), score_values(row, j, count) - Vec(shift), count);
 }
 
 static inline float max_lane(const Vec& v) {
@@ -114,13 +131,14 @@ static float visible_max(const ScoreRow& row) {
   Vec m0(-kInf), m1(-kInf), m2(-kInf), m3(-kInf);
   int64_t j = 0;
   for (; j + 4 * kWidth <= row.visible; j += 4 * kWidth) {
-    m0 = at::vec::clamp_min(m0, scores(row, j, 0.0f));
-    m1 = at::vec::clamp_min(m1, scores(row, j + kWidth, 0.0f));
-    m2 = at::vec::clamp_min(m2, scores(row, j + 2 * kWidth, 0.0f));
-    m3 = at::vec::clamp_min(m3, scores(row, j + 3 * kWidth, 0.0f));
+    m0 = at::vec::clamp_min(m0, score_values(row, j));
+    m1 = at::vec::clamp_min(m1, score_values(row, j + kWidth));
+    m2 = at::vec::clamp_min(m2, score_values(row, j + 2 * kWidth));
+    m3 = at::vec::clamp_min(m3, score_values(row, j + 3 * kWidth));
   }
   for (; j < row.visible; j += kWidth) {
-    m0 = at::vec::clamp_min(m0, scores(row, j, std::min(kWidth, row.visible - j), 0.0f));
+    const int64_t count = std::min(kWidth, row.visible - j);
+    m0 = at::vec::clamp_min(m0, Vec::set(Vec(-kInf), score_values(row, j, count), count));
   }
   return max_lane(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
 }

@@ -673,3 +673,30 @@ def test_dropout_under_compile_is_reproducible():
             loss.backward()
             losses.append(loss.item())
     assert losses[0] == losses[1] != losses[2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("large", ["scale", "inputs"])
+def test_scores_past_two_to_the_31_stay_finite(large, is_causal, backend, request):
+    """Scores of 1e12 (scale 1e12, or q and k near 1e6 at the default scale), which F.sdpa takes: the cpp kernels
+    once took exp's argument as the exact product scale q.k minus the row max of its rounded values, off by up to
+    half an ulp of the max (here thousands), so the max's own key got exp = inf or 0 and its row NaN, forward and
+    backward."""
+    if backend == "triton":
+        # A known bug, left open: its backward recomputes the probabilities from the log-sum-exp saved in natural
+        # units (lse * log2 e), whose rounding at such scores is far past exp's range, so dq has NaNs.
+        request.applymarker(pytest.mark.xfail(reason="the triton backward's dq is NaN at scores past 2^31",
+                                              strict=False))
+    q, k, v = _qkv(1, 2, 2, 16, 37, 8, torch.float32)
+    kwargs = {"scale": 1e12, "is_causal": is_causal}
+    if large == "inputs":
+        q, k, kwargs = q * 1e6, k * 1e6, {"is_causal": is_causal}
+    with lmrt.backend(backend):
+        got = forward_backward(lambda *t: lmrt.ops.scaled_dot_product_attention(*t, **kwargs), (q, k, v),
+                               torch.randn_like(q))
+    for name, result in zip(["output", "query", "key", "value"], got, strict=True):
+        assert result.isfinite().all(), name
+    # F.sdpa's own query gradient has NaN rows here on the CPU: the gradients go to the float64 reference.
+    torch.testing.assert_close(got[0], F.scaled_dot_product_attention(q, k, v, **kwargs))
+    _check_sdpa(backend, q, k, v, **kwargs)

@@ -69,6 +69,30 @@ def test_rows_whose_first_elements_stand_apart(backend):
     _check(x, weight, bias, normalized_shape, backend)
 
 
+def long_adversarial_rows(n):
+    """Rows of n that a float32 running sum gets wrong by an error growing with n (the cpp kernels once summed each
+    vector lane's n / 16 terms one after another): two-valued at a large and at a unit scale, and constant, with a
+    constant gradient, whose mean the backward must cancel exactly. Shared with test_rms_norm.py."""
+    x = torch.empty(3, n, device=DEVICE)
+    x[0, : n // 3], x[0, n // 3 :] = 1e4, -5e3
+    x[1, : n // 3], x[1, n // 3 :] = 1.0, -0.5
+    x[2] = 1234.5
+    return x, torch.full_like(x, 0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_adversarial_rows(backend):
+    x, grad_output = long_adversarial_rows(65536)
+    weight, bias = torch.randn(65536, device=DEVICE), torch.randn(65536, device=DEVICE)
+
+    def run(impl):
+        return lambda x, w, b: impl(x, (65536,), w, b, 1e-5)
+
+    with lmrt.backend(backend):
+        check_against_torch(run(lmrt.ops.layer_norm), run(F.layer_norm), run(reference.layer_norm),
+                            [x, weight, bias], grad_output, ["input", "weight", "bias"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_precision_weight(backend):
     """A float32 weight with a bfloat16 input, as PyTorch's own layer_norm allows: output in the input's dtype."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import lmrt
 from lmrt import reference
 from tests.conftest import BACKENDS, DEVICE, DTYPES
-from tests.ops.test_layer_norm import SHAPES
+from tests.ops.test_layer_norm import SHAPES, long_adversarial_rows
 from tests.tolerance import check_against_torch, check_compiled_matches_eager
 
 
@@ -42,6 +42,16 @@ def test_weight_gradient_over_many_rows(backend):
         pytest.skip("the Triton interpreter takes minutes over 65536 rows; a GPU runs this case")
     x = torch.randn(65536, 16, device=DEVICE) + 0.5  # x_hat * dy has a nonzero mean, so dweight grows with the rows
     _check(x, torch.randn(16, device=DEVICE), (16,), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_adversarial_rows(backend):
+    x, grad_output = long_adversarial_rows(65536)
+    with lmrt.backend(backend):
+        check_against_torch(lambda x, w: lmrt.ops.rms_norm(x, (65536,), w, 1e-6),
+                            lambda x, w: F.rms_norm(x, (65536,), w, 1e-6),
+                            lambda x, w: reference.rms_norm(x, (65536,), w, 1e-6),
+                            [x, torch.randn(65536, device=DEVICE)], grad_output, ["input", "weight"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
