@@ -97,8 +97,8 @@ bool needs_node(const char* op, const Tensors&... tensors) {
 template <typename... Tensors>
 void refuse_double_backward(const char* op, const Tensors&... tensors) {
   TORCH_CHECK(!torch::autograd::compute_requires_grad(tensors...), "lmrt_C::", op,
-              ": no double backward (a backward with create_graph=True, for higher-order gradients); compute "
-              "those with the torch.nn.functional op");
+              ": no double backward (a backward with create_graph=True, as for higher-order gradients and under "
+              "torch.func.grad, vjp and jacrev, which build one); use the torch.nn.functional op there");
 }
 
 // Frees a node's saved tensors (release_variables: the graph is not kept for another backward).

@@ -284,11 +284,14 @@ def test_eager_nodes_refuse_forward_mode_ad(op):
 @pytest.mark.parametrize("op", _eager_ops(), ids=lambda op: op[0])
 def test_eager_nodes_refuse_double_backward(op):
     """Higher-order gradients (a gradient penalty, say) raise rather than come out silently wrong: the kernels'
-    gradients have no graph of their own. A backward with create_graph=True is refused; one without still runs."""
+    gradients have no graph of their own. A backward with create_graph=True is refused, torch.func.grad's too, with a
+    message that names it; one without still runs."""
     name, fn, _ = op
     x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
     with lmrt.backend(BACKEND):
         out = fn(x)
         with pytest.raises(RuntimeError, match=f"lmrt_C::{name}: no double backward"):
             torch.autograd.grad(out.pow(3).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="under torch.func.grad"):  # whose backward builds a graph
+            torch.func.grad(lambda x: fn(x).pow(3).sum())(x.detach())
         torch.autograd.grad(fn(x).pow(3).sum(), x)
