@@ -63,7 +63,6 @@ HF_RMS_NORM_CLASSES = frozenset({
 })
 
 
-
 class HuggingFaceRMSNorm(lmrt_nn.RMSNorm):
     """lmrt.nn.RMSNorm in place of a Hugging Face RMSNorm (HF_RMS_NORM_CLASSES), with its output dtype.
 

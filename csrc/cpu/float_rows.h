@@ -93,7 +93,8 @@ inline float sum_floats2(const T* x, const T* y, int64_t n, const VecFn& fv, con
 // accumulators, then the block into a running total with that addition's rounding error kept aside
 // (add_compensated, in the accumulator's end_block): no lane sum runs through more than kSumBlockSteps plain
 // float32 additions, and the totals' errors do not add up, whatever n is. The kernels' loops are blocked to match
-// (an inner loop of at most kSumBlockSteps steps, then end_block), so that the steps' loop stays as it was: a test
+// (blocked_steps: an inner loop of at most kSumBlockSteps steps, then end_block), so that the steps' loop stays as
+// it was: a test
 // of the step's offset in that loop, for the block's end, made a 16 x 4096 float32 LayerNorm forward from L2 about
 // 30% slower (AVX2, one thread); the blocked loops took the time of the plain sums, within a shared machine's
 // noise (+-7%), at 16 x 4096 and 4096 x 4096, float32 and bfloat16, forward and backward.
@@ -117,18 +118,23 @@ inline float reduce_compensated(const FloatVec& total, const FloatVec& compensat
   return std::isfinite(sum) ? sum + at::vec::vec_reduce_all<float>(add, compensation) : sum;
 }
 
-// accumulate_row (below) for the blocked row sums: acc.end_block() after every kSumBlockSteps steps and after the
-// last whole step.
+// step(i) for i = 0, kStep, 2 kStep, ... below vector_end, kSumBlockSteps steps at a time, each block followed by
+// acc.end_block(): the loop of every kernel that feeds a blocked row sum (the step feeds acc.add_step(i)).
+template <int64_t kStep, typename Accumulator, typename Step>
+inline void blocked_steps(Accumulator& acc, int64_t vector_end, const Step& step) {
+  for (int64_t block = 0; block < vector_end; block += kSumBlockSteps * kStep) {
+    const int64_t block_end = std::min(vector_end, block + kSumBlockSteps * kStep);
+    for (int64_t i = block; i < block_end; i += kStep) step(i);
+    acc.end_block();
+  }
+}
+
+// accumulate_row (below) for the blocked row sums.
 template <int64_t kWidth, typename Accumulator>
 inline void accumulate_row_blocked(Accumulator& acc, int64_t n) {
   const int64_t vector_end = n - n % kWidth;
-  int64_t i = 0;
-  while (i < vector_end) {
-    const int64_t block_end = std::min(vector_end, i + kSumBlockSteps * kWidth);
-    for (; i < block_end; i += kWidth) acc.add_step(i);
-    acc.end_block();
-  }
-  for (; i < n; ++i) acc.add_element(i);
+  blocked_steps<kWidth>(acc, vector_end, [&](int64_t i) { acc.add_step(i); });
+  for (int64_t i = vector_end; i < n; ++i) acc.add_element(i);
 }
 
 // Feeds a row of n to a row accumulator (softmax's RowMax; the norms' sums take accumulate_row_blocked):

@@ -162,19 +162,13 @@ void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float
         if (bias != nullptr) v = v + FloatVec::loadu(bias + i);
         return v;
       };
-      // Blocks of kSumBlockSteps steps, then the next row's moments end their block (see kSumBlockSteps).
-      int64_t i = 0;
       const int64_t vector_end = cols - cols % kStep;
-      while (i < vector_end) {
-        const int64_t block_end = std::min(vector_end, i + kSumBlockSteps * kStep);
-        for (; i < block_end; i += kStep) {
-          const auto [a, b] = load_floats(xr + i);
-          store_floats(yr + i, normalize(a, i), normalize(b, i + kWidth));
-          moments.add_step(i);
-        }
-        moments.end_block();
-      }
-      for (; i < cols; ++i) {
+      blocked_steps<kStep>(moments, vector_end, [&](int64_t i) {
+        const auto [a, b] = load_floats(xr + i);
+        store_floats(yr + i, normalize(a, i), normalize(b, i + kWidth));
+        moments.add_step(i);
+      });
+      for (int64_t i = vector_end; i < cols; ++i) {
         const float v = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;
         yr[i] = static_cast<T>((weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f));
         moments.add_element(i);
@@ -344,23 +338,18 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
           const FloatVec g = weight != nullptr ? d * FloatVec::loadu(weight + i) : d;
           return (g - g_mean_v - x_hat * xhat_g_v) * rs_v;
         };
-        // Blocks of kSumBlockSteps steps, then the next row's sums end their block (see kSumBlockSteps).
-        for (int64_t block = 0; block < vector_end; block += kSumBlockSteps * kBwd) {
-          const int64_t block_end = std::min(vector_end, block + kSumBlockSteps * kBwd);
-          for (int64_t i = block; i < block_end; i += kBwd) {
-            if constexpr (std::is_same_v<T, float>) {
-              const FloatVec dx_v = column_outputs(FloatVec::loadu(dyr + i), FloatVec::loadu(xr + i), i);
-              if (dxr != nullptr) dx_v.store(dxr + i);
-            } else {
-              const auto [x0, x1] = load_floats(xr + i);
-              const auto [d0, d1] = load_floats(dyr + i);
-              const FloatVec dx0 = column_outputs(d0, x0, i), dx1 = column_outputs(d1, x1, i + kWidth);
-              if (dxr != nullptr) store_floats(dxr + i, dx0, dx1);
-            }
-            next.add_step(i);
+        blocked_steps<kBwd>(next, vector_end, [&](int64_t i) {
+          if constexpr (std::is_same_v<T, float>) {
+            const FloatVec dx_v = column_outputs(FloatVec::loadu(dyr + i), FloatVec::loadu(xr + i), i);
+            if (dxr != nullptr) dx_v.store(dxr + i);
+          } else {
+            const auto [x0, x1] = load_floats(xr + i);
+            const auto [d0, d1] = load_floats(dyr + i);
+            const FloatVec dx0 = column_outputs(d0, x0, i), dx1 = column_outputs(d1, x1, i + kWidth);
+            if (dxr != nullptr) store_floats(dxr + i, dx0, dx1);
           }
-          next.end_block();
-        }
+          next.add_step(i);
+        });
         for (int64_t i = vector_end; i < cols; ++i) {
           const float d = static_cast<float>(dyr[i]);
           const float x_hat = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;

@@ -36,15 +36,17 @@ def _cast_rounds(input: Tensor, dtype: torch.dtype | None) -> bool:
 
 
 def _softmax(input: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
-    op = _op_name(log)
-    if dtype is None:
-        dtype = autocast_dtype(op, input)  # float32 under autocast on CUDA, as F.softmax
     if _cast_rounds(input, dtype):
         input = input.to(dtype)  # F.softmax casts before the softmax
     if not is_compiling():
         output = eager_calls.softmax(backends.context_choice, input, dim, dtype, log)
         if output is not None:
             return output
+    op = _op_name(log)
+    if dtype is None:
+        # float32 under autocast on CUDA, as F.softmax: an upcast, which the kernels fuse. (The eager call above
+        # declines every call under autocast.)
+        dtype = autocast_dtype(op, input)
     check_floating(op, "input", input)
     dim = check_dim(op, input, dim)
     if dtype is not None and not dtype.is_floating_point:

@@ -8,6 +8,7 @@ resumed and reproduced.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ class TrainConfig:
     def from_file(cls, path: str | Path) -> TrainConfig:
         """A config from a .yaml/.yml or .toml file; settings it leaves out keep their defaults. A string given for
         a setting of another type is read as `--set` reads it (YAML takes 3e-4 for a string, say)."""
-        types = typing.get_type_hints(cls)
+        types = _setting_types()
         return cls.from_dict({key: _parse(key, value, types[key], f"config file {path}:")
                               if isinstance(value, str) and key in types and str not in _types_of(types[key])
                               else value for key, value in read_settings(path).items()})
@@ -122,7 +123,7 @@ def parse_overrides(overrides: list[str]) -> dict:
     """The settings that `key=value` overrides give, later ones over earlier; a value is parsed as the setting's type
     (`none` for an optional one, JSON for model_options, e.g. model_options={"n_layer":2})."""
     settings = {}
-    types = typing.get_type_hints(TrainConfig)
+    types = _setting_types()
     for override in overrides:
         key, sep, text = override.partition("=")
         key = key.strip().replace("-", "_")
@@ -173,6 +174,12 @@ def read_settings(path: str | Path) -> dict:
     return settings
 
 
+@functools.cache
+def _setting_types() -> dict[str, type]:
+    """TrainConfig's settings and their annotations, evaluated (the module's annotations are strings)."""
+    return typing.get_type_hints(TrainConfig)
+
+
 def _types_of(annotation) -> tuple[type, ...]:
     """The types an annotation allows: (int,) for int, (float, NoneType) for float | None."""
     return typing.get_args(annotation) or (annotation,)
@@ -181,7 +188,7 @@ def _types_of(annotation) -> tuple[type, ...]:
 def _check_types(config: TrainConfig) -> None:
     """Each setting of the type its annotation names (an int for a float too, never a bool for a number), so that
     a value read from a file fails here, naming the setting, rather than as a traceback mid-run."""
-    for name, annotation in typing.get_type_hints(TrainConfig).items():
+    for name, annotation in _setting_types().items():
         value, allowed = getattr(config, name), _types_of(annotation)
         if isinstance(value, bool):
             ok = bool in allowed
