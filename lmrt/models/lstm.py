@@ -8,6 +8,7 @@ linear layer maps the LSTM's output to the embedding width.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,23 @@ class LSTMLanguageModel(LanguageModel):
         With `state` (from init_decoding), `idx` continues from it and the state moves past `idx`."""
         check_token_ids("LSTMLanguageModel", "idx", idx, self.config.vocab_size)
         x = self.dropout(self.token_embedding(idx))
-        output, hidden = self.lstm(x, None if state is None else state.hidden)
+        output, hidden = self._recurrence(x, None if state is None else state.hidden)
         if state is not None:
             state.hidden = hidden
         if self.projection is not None:
             output = self.projection(output)
         logits = self.head(self.dropout(output))
         return logits, None if targets is None else language_model_loss(logits, targets)
+
+    def _recurrence(self, x: Tensor, hidden: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """self.lstm over `x`. Under CPU autocast, where oneDNN has no LSTM kernel for the autocast dtype on this CPU,
+        the recurrence runs in float32 (the rest of the model stays in the autocast dtype)."""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            if not _cpu_lstm_runs_in(dtype):
+                with torch.autocast("cpu", enabled=False):
+                    return self.lstm(x.float(), None if hidden is None else tuple(t.float() for t in hidden))
+        return self.lstm(x, hidden)
 
     def init_decoding(self, batch_size: int, max_length: int) -> LSTMState:
         if max_length > self.config.context_length:
@@ -102,3 +113,17 @@ class LSTMLanguageModel(LanguageModel):
 
     def decode(self, tokens: Tensor, state: LSTMState) -> Tensor:
         return self(tokens, state=state)[0]
+
+
+@functools.cache
+def _cpu_lstm_runs_in(dtype: torch.dtype) -> bool:
+    """Whether torch.nn.LSTM runs under CPU autocast to `dtype` on this CPU. oneDNN serves it, and its bfloat16 and
+    float16 LSTM kernels need AVX-512 (float16 more): elsewhere the call fails ("could not create a primitive
+    descriptor for the LSTM forward propagation primitive"), and the path without oneDNN is some 100x slower."""
+    lstm = nn.LSTM(1, 1)
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            lstm(torch.zeros(1, 1, 1))
+    except RuntimeError:
+        return False
+    return True

@@ -58,3 +58,17 @@ def test_state_continues_the_sequence():
 def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         LSTMConfig(**overrides)
+
+
+def test_trains_under_cpu_autocast():
+    """oneDNN has bfloat16 LSTM kernels only on AVX-512 CPUs; elsewhere torch.nn.LSTM under CPU autocast raised, so
+    `lmrt train --model lstm --set precision=bfloat16` failed at its first step on an AVX2 CPU. The recurrence then
+    runs in float32: the result is the float32 model's up to the bfloat16 rounding of the other layers."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(LSTMConfig(vocab_size=13, n_embd=16, hidden_size=24, n_layer=2))
+    idx = torch.randint(0, 13, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    torch.testing.assert_close(logits.float(), model(idx)[0], atol=0.05, rtol=0.05)
