@@ -90,11 +90,13 @@ def _key_spans(m0, q_len, k_len, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.conste
 
 @triton.jit
 def _mask_log2(mask):
-    """An additive mask in base-2 units. A finite value below -FLT_MAX / log2 e (the dtype's minimum, which Hugging
-    Face masks use) would overflow to -inf, which means "no key", and a row masked that way would give zeros where
-    PyTorch averages the values; it becomes -FLT_MAX instead. -inf and NaN stay as they are."""
+    """An additive mask in base-2 units. A finite value beyond FLT_MAX / log2 e would overflow: the dtype's minimum,
+    which Hugging Face masks use, to -inf, which means "no key", so a row masked that way would give zeros where
+    PyTorch averages the values, and the dtype's maximum to +inf, whose row max made the row NaN. Such values become
+    -FLT_MAX or FLT_MAX instead. Infinities and NaN stay as they are."""
     scaled = mask * _LOG2E
-    return tl.where((scaled == float("-inf")) & (mask > float("-inf")), -_FLT_MAX, scaled)
+    overflowed = (tl.abs(scaled) == float("inf")) & (tl.abs(mask) < float("inf"))
+    return tl.where(overflowed, tl.where(mask < 0, -_FLT_MAX, _FLT_MAX), scaled)
 
 
 @triton.jit
@@ -252,6 +254,14 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _probabilities(s, lse2):
+    """The backward's P = 2^(s - lse2), at most 1. lse2 is the forward's natural-log lse times log2 e, and past
+    |lse| ~ 2^31 (scores near 1e12, or a mask of the dtype's maximum) the two roundings differ by more than exp2's
+    range: a score above its row's lse2 gave inf, and inf times a zero dP NaN. NaN stays NaN."""
+    return tl.math.exp2(tl.minimum(s - lse2, 0.0, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
 def _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_base, lse_base, delta_base,
                mask_base, stride_qm, stride_dom, stride_mm, stride_mn, q_len, k_len, shift, qk_scale2,
                seed, rng_base, rng_row_stride, dropout_p,
@@ -268,7 +278,7 @@ def _dkdv_step(dk, dv, k, v, start_m, offs_m, cols, offs_d, offs_dv, q_base, do_
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     s_t = _scores(_dot(k, q_t, PRECISION, UPCAST_DOT), rows[None, :], cols[:, None], q_len, k_len, shift,
                   qk_scale2, mask_base, stride_mm, stride_mn, CAUSAL, MASK_KIND, BOUNDS)
-    p_t = tl.math.exp2(s_t - lse2[None, :])
+    p_t = _probabilities(s_t, lse2[None, :])
     if BOUNDS:
         # Rows past the queries hold q = 0, and 0 times an infinite key is NaN, which would reach dK and dV.
         p_t = tl.where(row_ok[None, :], p_t, 0.0)
@@ -389,7 +399,7 @@ def _dq_step(dq, q, do, lse2, delta, start_n, offs_m, offs_n, offs_d, offs_dv, k
                   mask=(offs_dv[:, None] < HEAD_DIM_V) & key_ok[None, :], other=0.0)
     s = _scores(_dot(q, k_t, PRECISION, UPCAST_DOT), offs_m[:, None], cols[None, :], q_len, k_len, shift,
                 qk_scale2, mask_base, stride_mm, stride_mn, CAUSAL, MASK_KIND, BOUNDS)
-    p = tl.math.exp2(s - lse2[:, None])
+    p = _probabilities(s, lse2[:, None])
     dp = _dot(do, v_t, PRECISION, UPCAST_DOT)
     if DROPOUT:
         keep = _dropout_keep(seed, rng_base, offs_m[:, None], cols[None, :], rng_row_stride, dropout_p)

@@ -236,12 +236,20 @@ __device__ __forceinline__ const unsigned char* mask_plane(const AttentionMask& 
   return static_cast<const unsigned char*>(mask.data) + (b * mask.batch_stride + h * mask.head_stride) * bytes;
 }
 
-// An additive mask value in base-2 units. A finite value below -FLT_MAX / log2 e (the dtype's minimum, which Hugging
-// Face masks use) would overflow to -inf, which means "no key", and a row masked that way would give zeros where
-// PyTorch averages the values; it becomes -FLT_MAX instead. -inf and NaN stay as they are.
+// An additive mask value in base-2 units. A finite value beyond FLT_MAX / log2 e would overflow: the dtype's minimum,
+// which Hugging Face masks use, to -inf, which means "no key", so a row masked that way would give zeros where
+// PyTorch averages the values, and the dtype's maximum to +inf, whose row max made the row NaN. Such values become
+// -FLT_MAX or FLT_MAX instead. Infinities and NaN stay as they are.
 __device__ __forceinline__ float mask_log2(float value) {
   const float scaled = value * kLog2e;
-  return scaled == -kInf && value > -kInf ? -FLT_MAX : scaled;
+  return isinf(scaled) && !isinf(value) ? copysignf(FLT_MAX, value) : scaled;
+}
+
+// The backward's P = 2^(s - lse2), at most 1, from s - lse2. lse2 is the forward's natural-log lse times log2 e, and
+// past |lse| ~ 2^31 (scores near 1e12, or a mask of the dtype's maximum) the two roundings differ by more than exp2's
+// range: a score above its row's lse2 gave inf, and inf times a zero dP NaN. NaN stays NaN.
+__device__ __forceinline__ float probability(float s_minus_lse2) {
+  return fast_exp2(s_minus_lse2 > 0.f ? 0.f : s_minus_lse2);
 }
 
 // Base-2 scores of one warp's (16 kMTiles) x (8 kTiles) tile: the additive mask added (times log2 e), and -inf
@@ -545,7 +553,7 @@ __global__ void __launch_bounds__(DkdvTiles<T, kHeadDim>::kThreads, kMinBlocksPe
       for (int m = 0; m < kMT; ++m) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          pt[m][i][e] = fast_exp2(pt[m][i][e] - (e % 2 ? lse_pair.y : lse_pair.x) * kLog2e);
+          pt[m][i][e] = probability(pt[m][i][e] - (e % 2 ? lse_pair.y : lse_pair.x) * kLog2e);
         }
       }
     }
@@ -664,7 +672,7 @@ __global__ void __launch_bounds__(DqTiles<T, kHeadDim>::kThreads, kMinBlocksPerS
 #pragma unroll
           for (int e = 0; e < 4; ++e) {  // dS = P (dP - delta), in place of S
             const int r = 2 * m + e / 2;
-            s[m][i][e] = fast_exp2(s[m][i][e] - lse2[r]) * (static_cast<float>(dp[m][i][e]) - delta[r]);
+            s[m][i][e] = probability(s[m][i][e] - lse2[r]) * (static_cast<float>(dp[m][i][e]) - delta[r]);
           }
         }
       }
