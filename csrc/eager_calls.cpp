@@ -40,12 +40,9 @@ using at::Tensor;
 using lmrt::is_kernel_dtype;
 using lmrt::typed_operator;
 
-// Whether the extension serves a call on `device` under the backend choice `choice`: the value of
+// Whether the backend choice `choice` picks the extension for a call on `device`: `choice` is the value of
 // lmrt.backends.context_choice (a backend's name, or None when LMRT_BACKEND, then the default order, decides).
-bool extension_serves(PyObject* choice, c10::DeviceType device) {
-  if (at::autocast::is_autocast_enabled(device)) {
-    return false;  // the Python path casts as autocast casts the torch.nn.functional op (lmrt/ops/_autocast.py)
-  }
+bool extension_chosen(PyObject* choice, c10::DeviceType device) {
   const char* name = nullptr;
   if (choice != Py_None) {
     name = PyUnicode_Check(choice) ? PyUnicode_AsUTF8(choice) : nullptr;
@@ -68,6 +65,13 @@ bool extension_serves(PyObject* choice, c10::DeviceType device) {
   }
 #endif
   return false;
+}
+
+// Whether the extension serves a call on `device` under the backend choice `choice`. Not under autocast: the Python
+// path casts as autocast casts the torch.nn.functional op (lmrt/ops/_autocast.py). Autocast is asked only about the
+// devices the extension serves, since it throws for one it has no dispatch key for (meta).
+bool extension_serves(PyObject* choice, c10::DeviceType device) {
+  return extension_chosen(choice, device) && !at::autocast::is_autocast_enabled(device);
 }
 
 // The tensor `obj`, when it is one the kernels take (float32, float16 or bfloat16) and no __torch_function__

@@ -413,6 +413,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
                   lse.is_contiguous(),
               "lmrt_C::", op, ": `lse` must be contiguous float32 of shape ", at::IntArrayRef(out_shape).slice(0, 3),
               ", got ", lse.scalar_type(), " of shape ", lse.sizes());
+  check_device(op, "lse", lse, q_in);
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const Tensor out = unit_last_stride(out_in.to(q.scalar_type()));
   const Tensor dout = unit_last_stride(dout_in.to(q.scalar_type()));

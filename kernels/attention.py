@@ -690,8 +690,8 @@ def attention_bwd(
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     dmask = torch.zeros((batch, n_heads, rows, keys), dtype=torch.float32, device=q.device) if mask_grad else None
     n_seqs = cu_seqlens_q.numel() - 1 if varlen else batch
-    if n_seqs == 0 or n_heads == 0:
-        return dq, dk, dv, dmask
+    if n_seqs == 0 or n_heads == 0:  # without query heads, a key/value head that broadcasts over them gets zeros
+        return dq, dk.zero_(), dv.zero_(), dmask
     delta = torch.empty_like(lse)
     lse_strides = (0 if varlen else lse.stride(0), lse.stride(1))
     if rows:

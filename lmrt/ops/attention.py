@@ -192,6 +192,8 @@ def attention_fwd(
     causal: bool, bottom_right: bool, scale: float, heads_first_out: bool,
 ) -> tuple[Tensor, Tensor]:
     """(output, float32 log-sum-exp per query row); see kernels/attention.py's `attention_fwd`."""
+    if q.shape[1] == 0:  # no query heads: nothing to compute (the kernels' head groups divide by the kv heads)
+        return _output_layout(q.new_empty(*q.shape[:3], v.shape[-1]), heads_first_out), _no_lse(q)
     args = (q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, causal,
             bottom_right, scale)
     backend = _backend(q, k, v, attn_mask, dropout_p, cu_seqlens_q is not None)
@@ -210,7 +212,12 @@ def _(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
       bottom_right, scale, heads_first_out):
     batch, n_heads, rows, _ = q.shape
     out = q.new_empty(batch, n_heads, rows, v.shape[-1])
-    return _output_layout(out, heads_first_out), q.new_empty(batch, n_heads, rows, dtype=torch.float32)
+    return _output_layout(out, heads_first_out), _no_lse(q)
+
+
+def _no_lse(q: Tensor) -> Tensor:
+    """An unwritten float32 log-sum-exp per query row of `q`."""
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("lmrt::attention_bwd", mutates_args=())
@@ -221,6 +228,9 @@ def attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d attn_mask): dq, dk, dv like q, k, v; the mask's gradient float32 (batch, Hq, Lq, Lk) when
     `mask_grad`, else an empty tensor."""
+    if q.shape[1] == 0:  # no query heads: a key/value head that broadcasts over them gets zero gradients
+        dmask = q.new_empty((*q.shape[:3], k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
+        return _grad_like(q), _grad_like(k).zero_(), _grad_like(v).zero_(), dmask
     args = (q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed,
             causal, bottom_right, scale)
     backend = _backend(q, k, v, attn_mask, dropout_p, cu_seqlens_q is not None, mask_grad)

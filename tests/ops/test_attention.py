@@ -448,6 +448,35 @@ def test_empty_sequences(rows, keys, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_heads", [0, 1])
+def test_no_query_heads(kv_heads, backend):
+    """Zero query heads, with zero key/value heads or one that broadcasts (F.sdpa and flash-attn take both): an empty
+    output, and zero gradients for the broadcast head. The torch backend divided by the key/value head count, the
+    extension refused zero heads, and the triton backward left the broadcast head's gradients unwritten."""
+    q = torch.randn(2, 0, 5, 8, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 6, 8, device=DEVICE, requires_grad=True) for _ in range(2))
+    with lmrt.backend(backend):
+        out = lmrt.ops.scaled_dot_product_attention(q, k, v)
+        torch.full_like(k, math.nan)  # freed memory holding NaN, which an unwritten gradient may reuse
+        out.sum().backward()
+        assert out.shape == (2, 0, 5, 8)
+        if kv_heads:  # flash-attn's key/value heads divide the query heads
+            out = lmrt.ops.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            assert out.shape == (2, 5, 0, 8)
+    for t in (k, v):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.cuda
+def test_extension_checks_the_device_of_lse():
+    """torch.ops.lmrt_C.attention_bwd checked the device of every tensor but the saved log-sum-exp: with q on a GPU
+    and lse on the CPU, the kernel was given a host pointer."""
+    q = torch.randn(1, 2, 4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="`lse` is on cpu but the input is on cuda"):
+        extension_ops().attention_bwd(q, q, q, q, q, torch.zeros(1, 2, 4), None, False, False, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_head_dim_attends_uniformly(backend):
     """With head dim 0 every score is 0, so each query averages the values, as in PyTorch (whose default scale,
     1/sqrt(0), would otherwise make the scores 0 * inf)."""

@@ -4,6 +4,8 @@ csrc/autograd.cpp) instead of the custom ops lmrt::<op>_fwd that torch.compile s
 the same layouts, so their outputs and gradients must be bitwise equal; the op tests (test_<op>.py) hold the results
 to the reference."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -134,6 +136,18 @@ def test_eager_calls_serve_only_calls_the_extension_serves(monkeypatch):
     monkeypatch.setenv("LMRT_BACKEND", "torch")
     assert _norm_call(None) is None
     assert isinstance(_norm_call(BACKEND), torch.Tensor)  # lmrt.backend(name) wins over LMRT_BACKEND
+
+
+@pytest.mark.parametrize("choice", [None, "cpp", "torch"])
+def test_meta_tensors_give_meta_outputs(choice):
+    """Shape inference, and models built under torch.device("meta"): each op gives a meta output, as F does. The
+    eager call asked autocast about the meta device, which throws for it, so every op raised whatever the backend."""
+    x = torch.randn(4, 8, device="meta")
+    q = x[None, None]
+    with contextlib.nullcontext() if choice is None else lmrt.backend(choice):
+        outputs = [lmrt.ops.layer_norm(x, (8,)), lmrt.ops.rms_norm(x, (8,)), lmrt.ops.softmax(x, -1),
+                   lmrt.ops.scaled_dot_product_attention(q, q, q)]
+    assert [(t.device.type, t.shape) for t in outputs] == [("meta", x.shape)] * 3 + [("meta", q.shape)]
 
 
 @pytest.mark.skipif(not lmrt.backends.extension_status()[0], reason="lmrt._C is not built")
