@@ -22,7 +22,7 @@
 // of block j's iteration, which at these tile sizes (64 mma per warp) is what covers a load's latency. Causal
 // attention visits only the key blocks a row can see; only blocks that cross the diagonal or the end of the
 // keys pay for masking, and a mask, when given, is read per score. A row that sees no key writes zeros and +inf as
-// its log-sum-exp, so that the backward's exp(s - lse) is 0 there.
+// its log-sum-exp, so that the backward's exp(s - lse) is 0 there; a row with a NaN score writes NaN to both.
 //
 // Backward. delta = rowsum(dO * O) first (float32, in the workspace). Then, with P = exp(S - lse) recomputed from
 // Q, K and the saved log-sum-exp, dP = dO V^T and dS = P (dP - delta):
@@ -423,8 +423,11 @@ __global__ void __launch_bounds__(FwdTiles<T, kHeadDim>::kThreads, kMinBlocksPer
     const int i = row + 8 * r;
     if (i >= p.q_len) continue;
     // sum == 0 only when every key was hidden (the max itself contributes exp2(0) = 1): then o is 0 too, and
-    // dividing by 1 writes the zeros. A true division, not a reciprocal: float32 outputs keep half an ulp.
-    const float divisor = sum > 0.0f ? sum : 1.0f;
+    // dividing by 1 writes the zeros. A NaN score, which fmaxf kept out of the max but not out of the sum, makes
+    // sum NaN: the output and lse are NaN, as on the CPU and in Triton, and the NaN lse carries it into the
+    // backward's P = exp(s - lse) and so into dK and dV (+inf, the mark of a row that sees no key, would make P 0).
+    // A true division, not a reciprocal: float32 outputs keep half an ulp.
+    const float divisor = sum == 0.0f ? 1.0f : sum;
     const int c0 = 2 * (r % 2);
     T* out_row = out + i * p.out.row_stride;
 #pragma unroll
@@ -434,7 +437,7 @@ __global__ void __launch_bounds__(FwdTiles<T, kHeadDim>::kThreads, kMinBlocksPer
     }
     if (t == 0) {
       p.lse[(static_cast<int64_t>(b) * p.heads + h) * p.q_len + i] =
-          sum > 0.0f ? fmaf(m[r], kLn2, logf(sum)) : kInf;
+          sum == 0.0f ? kInf : fmaf(m[r], kLn2, logf(sum));
     }
   }
 }

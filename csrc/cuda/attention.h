@@ -7,7 +7,9 @@
 // Scores are scale * q k^T, plus an additive mask or hidden by a boolean one (true = take part), hidden by
 // causality when `causal` (key j visible to query i when j <= i, or j <= i + k_len - q_len when `bottom_right`).
 // lse is float32 (batch, heads, q_len), contiguous: the natural-log log-sum-exp of each query row's scores, +inf
-// for a row that sees no key (whose output is zero). Arithmetic is float32; the products run on tensor cores.
+// for a row that sees no key (whose output is zero), NaN for a row with a NaN score. Arithmetic is float32 (float32
+// inputs sum dP and delta in float64); the products of float16 and bfloat16 inputs run on tensor cores, float32's
+// on CUDA-core FMAs.
 #pragma once
 
 #include "dtypes.h"

@@ -6,7 +6,8 @@
 // the row fits there.
 // Backward: reads x and dy (2*N*s) and writes dx (N*s) per row, about 12*N FLOPs; rows past 8192 columns (4096
 // for float32 or unaligned rows) read x and dy twice. dweight and dbias add 2 * units * N * 4 bytes, written by
-// stage 1 and read by stage 2, with units * N at most max(2^20, rows * N / 1024) (norm_kernels.cuh).
+// stage 1 and read by stage 2, with units * N at most max(2^20, ceil(rows / 1024) * N) (norm_kernels.cuh): N for
+// up to 1024 rows wider than 2^20.
 // Both are memory bound: the aim is ~90% of the device's device-to-device copy bandwidth.
 #include "layer_norm.h"
 

@@ -42,14 +42,17 @@ constexpr int kFwdMaxTeam = 1024;
 template <int kWidth>
 constexpr int kBwdItems = kWidth == 1 ? 8 : 2 * kWidth;
 constexpr int kBwdMaxTeam = 512;
-// Stage 1 splits the rows into units, each writing one row of partial sums per gradient: at most kMaxPartials
-// floats (4 MiB) in all, and at most kMaxUnits rows of them so that stage 2 stays short for narrow rows. A unit
-// has about cols / kBwdItems threads, so that is 64K to 128K threads in flight, enough to cover memory latency on
-// an A100 or H100 at the backward's occupancy.
+// Stage 1 splits the rows into units, each writing one row of partial sums per gradient: as many units as keep
+// them within kMaxPartials floats (4 MiB) in all, but at most kMaxUnits so that stage 2 stays short for narrow
+// rows, and at least one, whose row is cols floats however wide. A unit has about cols / kBwdItems threads, so
+// that is 64K to 128K threads in flight, enough to cover memory latency on an A100 or H100 at the backward's
+// occupancy.
 constexpr int64_t kMaxPartials = 1 << 20;
 constexpr int64_t kMaxUnits = 2048;
-// A streamed unit keeps two float sums per row in shared memory (8 KiB). Past kMaxUnits * kMaxRowsPerUnit rows the
-// units multiply, and the workspace grows to 1 / kMaxRowsPerUnit of x's element count.
+// A unit takes at most kMaxRowsPerUnit rows: a streamed unit keeps two float sums per row in shared memory (8 KiB).
+// Past that the units multiply, to ceil(rows / kMaxRowsPerUnit). So a gradient's workspace is at most
+// max(kMaxPartials, ceil(rows / kMaxRowsPerUnit) * cols) floats: cols alone for a few rows wider than kMaxPartials,
+// about 1 / kMaxRowsPerUnit of x's element count for many rows.
 constexpr int64_t kMaxRowsPerUnit = 1024;
 // Stage 2: a block adds the partial sums of kWarpSize columns with kColumnSumLanes threads down each column.
 constexpr int kColumnSumLanes = 16;
@@ -65,6 +68,16 @@ __device__ __forceinline__ void load_param(const float* param, const Runs<kRuns,
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) out[j] = fill;
   }
+}
+
+// rsqrt(var + eps) for var = mean_square - correction^2: LayerNorm's mean square about the first pass's mean, less
+// the square of that mean's rounding error; RMSNorm's mean square, with correction 0. Rounding can take var below
+// 0, so it is clamped at 0 by a comparison, which lets a NaN through: a NaN in the row makes rstd and every output
+// of the row NaN, as on the CPU (std::max(var, 0.f)) and in PyTorch. fmaxf(NaN, 0) would be 0: RMSNorm outputs
+// finite beside the NaN, and LayerNorm a finite saved rstd.
+__device__ __forceinline__ float clamped_rstd(float mean_square, float correction, float eps) {
+  const float var = mean_square - correction * correction;
+  return rsqrtf((var < 0.f ? 0.f : var) + eps);
 }
 
 // Adds up the accumulators of the teams that share a warp: lanes `team` apart own the same columns.
@@ -139,7 +152,7 @@ __global__ void __launch_bounds__(kFwdMaxTeam, 1)
   // The corrected two-pass algorithm, as in the streamed kernel: mean and variance about the corrected mean.
   const float correction = kIsRms ? 0.f : sums[0] * inv_cols;
   row_mean += correction;
-  const float row_rstd = rsqrtf(fmaxf(sums[kSquares] * inv_cols - correction * correction, 0.f) + eps);
+  const float row_rstd = clamped_rstd(sums[kSquares] * inv_cols, correction, eps);
 
   if (!row_exists) return;
   if (threadIdx.x % team == 0) {
@@ -201,16 +214,11 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     }
   }
   team_reduce(sums, kStreamThreads, scratch, SumOp{});
-  float row_mean = 0.f;
-  float var = sums[kSquares] * inv_cols;
-  if constexpr (!kIsRms) {
-    // sum(x - shift) / N is the rounding error of the first pass's mean; var is the mean square about the
-    // corrected mean, never below 0.
-    const float correction = sums[0] * inv_cols;
-    row_mean = shift + correction;
-    var = fmaxf(var - correction * correction, 0.f);
-  }
-  const float row_rstd = rsqrtf(var + eps);
+  // LayerNorm: sum(x - shift) / N is the rounding error of the first pass's mean, and the variance is the mean
+  // square about the corrected mean. RMSNorm: shift = 0 and no correction.
+  const float correction = kIsRms ? 0.f : sums[0] * inv_cols;
+  const float row_mean = shift + correction;
+  const float row_rstd = clamped_rstd(sums[kSquares] * inv_cols, correction, eps);
   if (threadIdx.x == 0) {
     if constexpr (!kIsRms) mean[row] = row_mean;
     rstd[row] = row_rstd;

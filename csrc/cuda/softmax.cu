@@ -6,7 +6,8 @@
 // (s_in, s_out the element sizes), about 4*N FLOPs and N exponentials. A longer row takes one online pass, the
 // running max and the running sum rescaled whenever the max grows ("Online normalizer calculation for softmax",
 // Milakov & Gimelshein 2018), then an output pass: x is read twice, from L2 while the row fits there.
-// A row of -inf gives NaN, as F.softmax does: exp(x - m) with m = -inf is exp(NaN).
+// A row of -inf gives NaN, as F.softmax does: exp(x - m) with m = -inf is exp(NaN). So does a row holding a NaN:
+// the max (fmaxf) skips it, but exp(NaN - m) carries it into the sum, and so into every output of the row.
 //
 // Backward, from the output y: softmax dx = y * (dy - sum(dy * y)), log-softmax dx = dy - exp(y) * sum(dy). A row
 // held in registers (up to 8192 columns, 4096 unaligned) reads dy and y once and writes dx once: 2*N*s_out bytes
@@ -114,19 +115,22 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) tile_max = fmaxf(tile_max, v[k][j]);
     }
-    // Until the thread has seen a value above -inf its sum stays 0, instead of exp(-inf - -inf) = NaN.
-    if (tile_max == -INFINITY) continue;
-    thread_sum *= expf(thread_max - tile_max);
+    // Until the thread has seen a value above -inf, its values are shifted by 0 instead of tile_max = -inf: a -inf
+    // adds exp(-inf) = 0 (not exp(-inf - -inf) = NaN), and a NaN, which fmaxf left out of tile_max, adds NaN, as
+    // every NaN must: skipping such a tile lost the NaN of a thread that had seen only NaN and -inf.
+    const float shift = tile_max == -INFINITY ? 0.f : tile_max;
+    thread_sum *= expf(thread_max - shift);
 #pragma unroll
     for (int k = 0; k < kRuns; ++k) {
 #pragma unroll
-      for (int j = 0; j < kWidth; ++j) thread_sum += expf(v[k][j] - tile_max);
+      for (int j = 0; j < kWidth; ++j) thread_sum += expf(v[k][j] - shift);
     }
     thread_max = tile_max;
   }
   float row_max[1] = {thread_max};
   team_reduce(row_max, kStreamThreads, scratch, MaxOp{});
-  // A thread that saw only -inf adds 0 * exp(-inf) = 0; a row of -inf sums to NaN, and its outputs are NaN anyway.
+  // A thread that saw only -inf adds 0 * exp(-inf) = 0, and one whose sum is NaN adds NaN whatever its max; a row of
+  // -inf sums to NaN, and its outputs are NaN anyway.
   float row_sum[1] = {thread_sum * expf(thread_max - row_max[0])};
   team_reduce(row_sum, kStreamThreads, scratch, SumOp{});
 

@@ -275,6 +275,42 @@ def test_nan_scores_make_their_rows_nan(causal, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_scores_reach_the_gradients(causal, backend):
+    """The backward recomputes P = exp(s - lse) from the saved log-sum-exp, so a row with a NaN score must save a NaN
+    lse, not the +inf of a row that sees no key (P = 0 there), for the NaN to reach the gradients where
+    F.scaled_dot_product_attention's have it: the row's dq, and every key's dK and dV. The CUDA forward saved +inf,
+    which left dV finite but at the NaN key. Head 0 has a query of NaN, head 1 a NaN key past the first 512 (after a
+    finite row maximum), as in test_nan_scores_make_their_rows_nan; the NaN query is the last, which sees every key
+    under bottom-right causality. (A key hidden from a NaN row has P = 0 where a kernel skips it, 0 / NaN in
+    PyTorch's softmax: a difference in the NaN pattern that says nothing.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = _qkv(1, 2, 2, 21, 600, 32, torch.float32)
+    q[:, 0, 20] = math.nan
+    k[:, 1, 550, 0] = math.nan
+    grad_output = torch.randn(1, 2, 21, 32, device=DEVICE)
+    visible = torch.ones(21, 600, dtype=torch.bool, device=DEVICE).tril(600 - 21) if causal else None
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return [out, *torch.autograd.grad(out, leaves, grad_output)]
+
+    def flash_attn(q, k, v):  # flash-attn's layout, for its bottom-right causality
+        return lmrt.ops.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal=causal).transpose(1, 2)
+
+    # The math backend: the formula's NaN pattern, not that of whichever fused kernel PyTorch picks on the device.
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=visible))
+    with lmrt.backend(backend):
+        got = run(flash_attn)
+    for name, result, torch_result in zip(["output", "dq", "dk", "dv"], got, expected, strict=True):
+        assert torch.equal(result.isnan(), torch_result.isnan()), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_infinite_key_that_no_query_sees_keeps_key_gradients_finite(backend):
     """Key 3 holds +inf where every query is negative, so its scores are -inf: it takes no part, and dK and dV stay
     finite as in PyTorch (dQ is NaN there too: 0 times the infinite key). 5 queries: the last query block of the
