@@ -1,8 +1,10 @@
-"""How the ops see a tensor: as rows to reduce over, without copying when the strides allow it."""
+"""How the ops see a tensor: as rows to reduce over, without copying when the strides allow it; and how a custom op
+hands back a tensor it made in another shape."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -27,3 +29,12 @@ def as_outer_dim_inner(x: torch.Tensor, dim: int) -> torch.Tensor:
         return x.view(shape)
     except RuntimeError:
         return x.contiguous().view(shape)
+
+
+def as_op_output(x: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """`x`, made by a custom op, as a tensor of `shape` (by default its own; `x` must be contiguous to take another)
+    that shares its memory but is no view: autograd refuses in-place ops (ReLU(inplace=True) after a norm) on a custom
+    op's output that is a view of a tensor made inside it. `detach` drops the view relation, not the memory: no
+    copy."""
+    shape = x.shape if shape is None else shape
+    return x if x._base is None and x.shape == shape else x.view(shape).detach()

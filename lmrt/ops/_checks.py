@@ -19,7 +19,9 @@ def check_floating(op: str, name: str, tensor: torch.Tensor) -> None:
 def check_normalized_shape(op: str, input: torch.Tensor, normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     """`normalized_shape` as a tuple, checked to be the trailing dims of `input`."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not shape or len(shape) > input.dim() or tuple(input.shape[input.dim() - len(shape) :]) != shape:
+    if not shape:
+        raise ValueError(f"lmrt.ops.{op}: `normalized_shape` must hold at least one dim, got []")
+    if len(shape) > input.dim() or tuple(input.shape[input.dim() - len(shape) :]) != shape:
         raise ValueError(f"lmrt.ops.{op}: `normalized_shape` {list(shape)} must equal the last dimensions of "
                          f"`input`, whose shape is {list(input.shape)}")
     return shape

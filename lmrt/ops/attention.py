@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from lmrt import backends, reference
+from lmrt._layout import as_op_output
 from lmrt.ops._autocast import autocast_inputs
 from lmrt.ops._checks import check_floating, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, pick_backend
@@ -200,11 +201,14 @@ def attention_fwd(
     if backend == "triton":
         from lmrt.kernels.attention import attention_fwd as triton_attention_fwd
 
-        return triton_attention_fwd(*args, heads_first_out)
-    if backend in ("cpp", "cuda"):
-        return extension_ops().attention_fwd(q, k, v, attn_mask, causal, bottom_right, scale, heads_first_out)
-    out, lse = reference.attention_fwd(*args)
-    return _output_layout(out, heads_first_out), lse
+        out, lse = triton_attention_fwd(*args, heads_first_out)
+    elif backend in ("cpp", "cuda"):
+        out, lse = extension_ops().attention_fwd(q, k, v, attn_mask, causal, bottom_right, scale, heads_first_out)
+    else:
+        out, lse = reference.attention_fwd(*args)
+        out = _output_layout(out, heads_first_out)
+    # Rows-first, the output is a transposed view of the tensor the kernels wrote.
+    return as_op_output(out), lse
 
 
 @attention_fwd.register_fake

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from lmrt import backends, reference
-from lmrt._layout import as_rows
+from lmrt._layout import as_op_output, as_rows
 from lmrt.ops._autocast import autocast_inputs
 from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, flat_parameter, pick_backend, unit_column_stride
@@ -43,7 +43,7 @@ def layer_norm_fwd(
     dtypes = [t.dtype for t in (input, weight, bias) if t is not None]
     backend = pick_backend("layer_norm", input.device, dtypes)
     if backend == "torch":
-        return reference.layer_norm_fwd(input, normalized_shape, weight, bias, eps)
+        return tuple(as_op_output(t) for t in reference.layer_norm_fwd(input, normalized_shape, weight, bias, eps))
     rows = unit_column_stride(as_rows(input, len(normalized_shape)))
     if backend == "triton":
         from lmrt.kernels.layer_norm import norm_fwd
@@ -51,7 +51,7 @@ def layer_norm_fwd(
         y, mean, rstd = norm_fwd(rows, flat_parameter(weight), flat_parameter(bias), eps, is_rms_norm=False)
     else:
         y, mean, rstd = extension_ops().layer_norm_fwd(rows, flat_parameter(weight), flat_parameter(bias), eps)
-    return y.view(input.shape), mean, rstd
+    return as_op_output(y, input.shape), mean, rstd
 
 
 @layer_norm_fwd.register_fake
@@ -72,7 +72,8 @@ def layer_norm_bwd(
     dtypes = [t.dtype for t in (grad_output, input, weight, bias) if t is not None]
     backend = pick_backend("layer_norm", input.device, dtypes)
     if backend == "torch":
-        return reference.layer_norm_bwd(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask)
+        grads = reference.layer_norm_bwd(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask)
+        return tuple(as_op_output(t) for t in grads)
     ndim = len(normalized_shape)
     dy_rows, x_rows = unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim))
     if backend == "triton":
@@ -84,9 +85,9 @@ def layer_norm_bwd(
         dx, dw, db = extension_ops().layer_norm_bwd(dy_rows, x_rows, flat_parameter(weight), mean, rstd,
                                                     list(output_mask))
     return (
-        dx.view(input.shape) if output_mask[0] else input.new_empty(0),
-        dw.to(weight.dtype).view(weight.shape) if output_mask[1] else input.new_empty(0),
-        db.to(bias.dtype).view(bias.shape) if output_mask[2] else input.new_empty(0),
+        as_op_output(dx, input.shape) if output_mask[0] else input.new_empty(0),
+        as_op_output(dw.to(weight.dtype), weight.shape) if output_mask[1] else input.new_empty(0),
+        as_op_output(db.to(bias.dtype), bias.shape) if output_mask[2] else input.new_empty(0),
     )
 
 

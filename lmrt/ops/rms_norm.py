@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from lmrt import backends, reference
-from lmrt._layout import as_rows
+from lmrt._layout import as_op_output, as_rows
 from lmrt.ops._autocast import autocast_inputs
 from lmrt.ops._checks import check_floating, check_normalized_shape, check_parameter, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, flat_parameter, pick_backend, unit_column_stride
@@ -46,7 +46,7 @@ def rms_norm_fwd(
     dtypes = [t.dtype for t in (input, weight) if t is not None]
     backend = pick_backend("rms_norm", input.device, dtypes)
     if backend == "torch":
-        return reference.rms_norm_fwd(input, normalized_shape, weight, eps)
+        return tuple(as_op_output(t) for t in reference.rms_norm_fwd(input, normalized_shape, weight, eps))
     rows = unit_column_stride(as_rows(input, len(normalized_shape)))
     if backend == "triton":
         from lmrt.kernels.layer_norm import norm_fwd
@@ -54,7 +54,7 @@ def rms_norm_fwd(
         y, _, rstd = norm_fwd(rows, flat_parameter(weight), None, eps, is_rms_norm=True)
     else:
         y, rstd = extension_ops().rms_norm_fwd(rows, flat_parameter(weight), eps)
-    return y.view(input.shape), rstd
+    return as_op_output(y, input.shape), rstd
 
 
 @rms_norm_fwd.register_fake
@@ -73,7 +73,8 @@ def rms_norm_bwd(
     dtypes = [t.dtype for t in (grad_output, input, weight) if t is not None]
     backend = pick_backend("rms_norm", input.device, dtypes)
     if backend == "torch":
-        return reference.rms_norm_bwd(grad_output, input, normalized_shape, rstd, weight, output_mask)
+        grads = reference.rms_norm_bwd(grad_output, input, normalized_shape, rstd, weight, output_mask)
+        return tuple(as_op_output(t) for t in grads)
     ndim = len(normalized_shape)
     dy_rows, x_rows = unit_column_stride(as_rows(grad_output, ndim)), unit_column_stride(as_rows(input, ndim))
     if backend == "triton":
@@ -84,8 +85,8 @@ def rms_norm_bwd(
     else:
         dx, dw = extension_ops().rms_norm_bwd(dy_rows, x_rows, flat_parameter(weight), rstd, list(output_mask))
     return (
-        dx.view(input.shape) if output_mask[0] else input.new_empty(0),
-        dw.to(weight.dtype).view(weight.shape) if output_mask[1] else input.new_empty(0),
+        as_op_output(dx, input.shape) if output_mask[0] else input.new_empty(0),
+        as_op_output(dw.to(weight.dtype), weight.shape) if output_mask[1] else input.new_empty(0),
     )
 
 

@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from lmrt import backends, reference
-from lmrt._layout import as_outer_dim_inner
+from lmrt._layout import as_op_output, as_outer_dim_inner
 from lmrt.ops._autocast import autocast_dtype
 from lmrt.ops._checks import check_dim, check_floating, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, pick_backend, unit_column_stride
@@ -65,7 +65,7 @@ def softmax_fwd(input: Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> T
     if backend == "triton":
         from lmrt.kernels.softmax import softmax_fwd as triton_softmax_fwd
 
-        return triton_softmax_fwd(as_outer_dim_inner(input, dim), out_dtype, log).view(input.shape)
+        return as_op_output(triton_softmax_fwd(as_outer_dim_inner(input, dim), out_dtype, log), input.shape)
     if backend in ("cpp", "cuda"):
         y = extension_ops().softmax_fwd(unit_column_stride(_dim_last_rows(input, dim)), out_dtype, log)
         return _from_dim_last_rows(y, input.shape, dim)
@@ -86,7 +86,7 @@ def softmax_bwd(grad_output: Tensor, output: Tensor, dim: int, log: bool, input_
         from lmrt.kernels.softmax import softmax_bwd as triton_softmax_bwd
 
         dy, y = as_outer_dim_inner(grad_output, dim), as_outer_dim_inner(output, dim)
-        return triton_softmax_bwd(dy, y, input_dtype, log).view(output.shape)
+        return as_op_output(triton_softmax_bwd(dy, y, input_dtype, log), output.shape)
     if backend in ("cpp", "cuda"):
         dy, y = (unit_column_stride(_dim_last_rows(t, dim)) for t in (grad_output, output))
         return _from_dim_last_rows(extension_ops().softmax_bwd(dy, y, input_dtype, log), output.shape, dim)
@@ -101,9 +101,10 @@ def _dim_last_rows(x: Tensor, dim: int) -> Tensor:
 
 
 def _from_dim_last_rows(rows: Tensor, shape: torch.Size, dim: int) -> Tensor:
-    """The contiguous tensor of `shape` whose `dim`, moved last, the (rows, size of `dim`) matrix `rows` holds."""
+    """The contiguous tensor of `shape` whose `dim`, moved last, the (rows, size of `dim`) matrix `rows` holds (no
+    view of `rows`, and no copy when `dim` is last)."""
     moved_shape = [*shape[:dim], *shape[dim + 1 :], shape[dim]]
-    return rows.view(moved_shape).movedim(-1, dim).contiguous()
+    return as_op_output(rows.view(moved_shape).movedim(-1, dim).contiguous(), shape)
 
 
 @softmax_bwd.register_fake

@@ -503,6 +503,19 @@ def test_no_query_heads(kv_heads, backend):
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flash_attn_output_may_be_modified_in_place(backend):
+    """As flash-attn's. The custom op returned a transposed view of the tensor its kernels wrote (rows first), on
+    which autograd refused in-place ops at once. The backward needs the output, so a backward after such an edit
+    raises, as with F.scaled_dot_product_attention."""
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in _qkv(1, 2, 2, 5, 7, 8, torch.float32))
+    with lmrt.backend(backend):
+        out = lmrt.ops.flash_attn_func(q, k, v)
+        out.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 @pytest.mark.cuda
 def test_extension_checks_the_device_of_lse():
     """torch.ops.lmrt_C.attention_bwd checked the device of every tensor but the saved log-sum-exp: with q on a GPU

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ import torch.nn.functional as F
 import lmrt
 from lmrt import reference
 from tests.conftest import BACKENDS, DEVICE, DTYPES, MANY_ROWS
-from tests.tolerance import check_against_torch, check_compiled_matches_eager
+from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
 # (input shape, number of normalized trailing dims): odd sizes, a row longer than one block, 3-D and 4-D inputs, and
 # inputs normalized whole (one row: 1-D, and 2-D over both dims).
@@ -67,6 +69,29 @@ def test_rows_whose_first_elements_stand_apart(backend):
     x, weight, bias, normalized_shape = _inputs((4, 20000), 1, torch.float32)
     x[:, :128] += 1000.0
     _check(x, weight, bias, normalized_shape, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_cols", [97, 20000], ids=str)
+def test_a_nan_makes_its_row_nan(n_cols, backend):
+    """A NaN makes its row's output, mean and rstd NaN, and the gradients NaN where PyTorch's are (the row's dx and
+    every column's dweight), leaving the other rows alone. The CUDA kernels clamped the variance at 0 with fmaxf,
+    which takes a NaN to 0: the saved rstd was finite. On CUDA 97 columns are held in registers, 20000 streamed."""
+    x, weight, bias, normalized_shape = _inputs((3, n_cols), 1, torch.float32)
+    x[1, n_cols // 3] = math.nan
+    grad_output = torch.randn_like(x)
+
+    def run(impl):
+        return lambda x, w, b: impl(x, normalized_shape, w, b, 1e-5)
+
+    with lmrt.backend(backend):
+        _, mean, rstd = torch.ops.lmrt.layer_norm_fwd(x, list(normalized_shape), weight, bias, 1e-5)
+        results = forward_backward(run(lmrt.ops.layer_norm), [x, weight, bias], grad_output)
+    expected = [x.mean(-1), torch.rsqrt(x.var(-1, unbiased=False) + 1e-5),
+                *forward_backward(run(F.layer_norm), [x, weight, bias], grad_output)]
+    names = ["mean", "rstd", "output", "grad_input", "grad_weight", "grad_bias"]
+    for name, result, torch_result in zip(names, [mean, rstd, *results], expected, strict=True):
+        assert torch.equal(result.isnan(), torch_result.isnan()), name
 
 
 def long_adversarial_rows(n):
@@ -151,6 +176,8 @@ class TestBadInput:
     def test_normalized_shape_mismatch(self):
         with pytest.raises(ValueError, match=r"`normalized_shape` \[4\] must equal the last dimensions of `input`"):
             lmrt.ops.layer_norm(torch.randn(2, 3), (4,))
+        with pytest.raises(ValueError, match=r"`normalized_shape` must hold at least one dim, got \[\]"):
+            lmrt.ops.layer_norm(torch.randn(2, 3), ())
 
     @pytest.mark.cuda
     def test_weight_on_another_device(self):
@@ -182,3 +209,37 @@ def test_compiles_without_graph_breaks():
         return lmrt.ops.layer_norm(x, normalized_shape, weight, bias).relu().sum()
 
     check_compiled_matches_eager(step, (x, weight, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["float32", "float64", "autocast"])
+@pytest.mark.parametrize("shape,ndim", [((4, 8), 1), ((2, 3, 8), 2)], ids=str)
+def test_output_modified_in_place(shape, ndim, case, backend):
+    """A residual added in place to the output, then ReLU(inplace=True), as after F.layer_norm: same gradients. The
+    custom op returned a view of the kernels' (rows, columns) output, which autograd refuses to modify in place;
+    only the eager C++ call (cpp, float32, no autocast) did not. float64 runs on the reference (the kernels take
+    none), and under autocast every backend goes through the custom op."""
+    if case == "float64" and backend != "torch":
+        pytest.skip("the kernels take no float64: the torch backend serves it")
+    x, weight, bias, normalized_shape = _inputs(shape, ndim, torch.float64 if case == "float64" else torch.float32)
+    residual = torch.randn_like(x)
+
+    def run(impl):
+        return lambda x, w, b: F.relu(impl(x, normalized_shape, w, b, 1e-5).add_(residual), inplace=True)
+
+    with lmrt.backend(backend), torch.autocast(DEVICE, enabled=case == "autocast"):
+        check_against_torch(run(lmrt.ops.layer_norm), run(F.layer_norm), run(reference.layer_norm),
+                            [x, weight, bias], torch.randn_like(x), ["input", "weight", "bias"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_output_is_a_view(backend):
+    """No output of the custom ops, backward's included, is a view of a tensor made inside them (the kernels'
+    (rows, columns) results): custom ops return tensors of their own."""
+    x, weight, bias, normalized_shape = _inputs((2, 3, 8), 2, torch.float32)
+    with lmrt.backend(backend):
+        outputs = torch.ops.lmrt.layer_norm_fwd(x, list(normalized_shape), weight, bias, 1e-5)
+        _, mean, rstd = outputs
+        outputs += torch.ops.lmrt.layer_norm_bwd(torch.randn_like(x), x, list(normalized_shape), mean, rstd, weight,
+                                                 bias, [True] * 3)
+    assert [t._base is None for t in outputs] == [True] * 6

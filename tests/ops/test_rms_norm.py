@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import lmrt
 from lmrt import reference
 from tests.conftest import BACKENDS, DEVICE, DTYPES
 from tests.ops.test_layer_norm import SHAPES, long_adversarial_rows
-from tests.tolerance import check_against_torch, check_compiled_matches_eager
+from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
 
 def _check(x, weight, normalized_shape, backend, eps=None):
@@ -52,6 +53,29 @@ def test_long_adversarial_rows(backend):
                             lambda x, w: F.rms_norm(x, (65536,), w, 1e-6),
                             lambda x, w: reference.rms_norm(x, (65536,), w, 1e-6),
                             [x, torch.randn(65536, device=DEVICE)], grad_output, ["input", "weight"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_cols", [97, 20000], ids=str)
+def test_a_nan_makes_its_row_nan(n_cols, backend):
+    """A NaN makes its row's output and rstd NaN, and the gradients NaN where PyTorch's are (the row's dx and every
+    column's dweight), leaving the other rows alone. The CUDA kernels clamped the mean square at 0 with fmaxf,
+    which takes a NaN to 0: rstd was finite, and so was the output beside the NaN. On CUDA 97 columns are held in
+    registers, 20000 streamed."""
+    x, weight = torch.randn(3, n_cols, device=DEVICE), torch.randn(n_cols, device=DEVICE)
+    x[1, n_cols // 3] = math.nan
+    grad_output = torch.randn_like(x)
+
+    def run(impl):
+        return lambda x, w: impl(x, (n_cols,), w, 1e-6)
+
+    with lmrt.backend(backend):
+        _, rstd = torch.ops.lmrt.rms_norm_fwd(x, [n_cols], weight, 1e-6)
+        results = forward_backward(run(lmrt.ops.rms_norm), [x, weight], grad_output)
+    expected = [torch.rsqrt(x.pow(2).mean(-1) + 1e-6), *forward_backward(run(F.rms_norm), [x, weight], grad_output)]
+    for name, result, torch_result in zip(["rstd", "output", "grad_input", "grad_weight"], [rstd, *results], expected,
+                                          strict=True):
+        assert torch.equal(result.isnan(), torch_result.isnan()), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,3 +142,37 @@ def test_compiles_without_graph_breaks():
         return lmrt.ops.rms_norm(x, (48,), weight).relu().sum()
 
     check_compiled_matches_eager(step, (x, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["float32", "float64", "autocast"])
+@pytest.mark.parametrize("shape,ndim", [((4, 8), 1), ((2, 3, 8), 2)], ids=str)
+def test_output_modified_in_place(shape, ndim, case, backend):
+    """A residual added in place to the output, then ReLU(inplace=True), as after F.rms_norm: same gradients. The
+    custom op returned a view of the kernels' (rows, columns) output, which autograd refuses to modify in place;
+    only the eager C++ call (cpp, float32, no autocast) did not. float64 runs on the reference (the kernels take
+    none), and under autocast every backend goes through the custom op."""
+    if case == "float64" and backend != "torch":
+        pytest.skip("the kernels take no float64: the torch backend serves it")
+    dtype = torch.float64 if case == "float64" else torch.float32
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    normalized_shape = shape[len(shape) - ndim :]
+    weight, residual = torch.randn(normalized_shape, device=DEVICE, dtype=dtype), torch.randn_like(x)
+
+    def run(impl):
+        return lambda x, w: F.relu(impl(x, normalized_shape, w, 1e-6).add_(residual), inplace=True)
+
+    with lmrt.backend(backend), torch.autocast(DEVICE, enabled=case == "autocast"):
+        check_against_torch(run(lmrt.ops.rms_norm), run(F.rms_norm), run(reference.rms_norm),
+                            [x, weight], torch.randn_like(x), ["input", "weight"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_output_is_a_view(backend):
+    """No output of the custom ops, backward's included, is a view of a tensor made inside them (the kernels'
+    (rows, columns) results): custom ops return tensors of their own."""
+    x, weight = torch.randn(2, 3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
+    with lmrt.backend(backend):
+        outputs = torch.ops.lmrt.rms_norm_fwd(x, [3, 8], weight, 1e-6)
+        outputs += torch.ops.lmrt.rms_norm_bwd(torch.randn_like(x), x, [3, 8], outputs[1], weight, [True, True])
+    assert [t._base is None for t in outputs] == [True] * 4

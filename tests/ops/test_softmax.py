@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,27 @@ def test_infinities_follow_torch(n_cols, op, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_cols", [97, 32768], ids=str)
+def test_a_nan_makes_its_row_nan(n_cols, dtype, op, backend):
+    """A NaN makes its whole row NaN, as in torch, however the row max skips it: row 0 NaN in its first half (on
+    CUDA two 8192-column tiles of the online pass that hold nothing else), row 1 -inf but for two finite values and
+    a NaN (whose thread sees only -inf besides). The CUDA online pass skipped a thread's tiles while its max was
+    -inf, and with them its NaN: those rows came out finite."""
+    x = torch.randn(3, n_cols, device=DEVICE, dtype=dtype)
+    x[0, : n_cols // 2] = math.nan
+    x[1] = -math.inf
+    x[1, 5], x[1, n_cols * 2 // 3] = 1.0, 2.0
+    x[1, n_cols - 7] = math.nan
+    lmrt_fn, torch_fn, _ = OPS[op]
+    with lmrt.backend(backend):
+        y = lmrt_fn(x, -1)
+    assert y[:2].isnan().all() and y[2].isfinite().all()
+    torch.testing.assert_close(y, torch_fn(x, -1), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_cols", [781, 65537], ids=str)
 def test_large_values_do_not_overflow(n_cols, dtype, op, backend):
     x = torch.randn(3, n_cols, device=DEVICE, dtype=dtype) * 1e4
@@ -154,3 +177,35 @@ def test_compiles_without_graph_breaks(op):
         return (lmrt_fn(x, -1) * torch.arange(48, device=x.device)).sum()
 
     check_compiled_matches_eager(step, (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("autocast", [False, True], ids=["no_autocast", "autocast"])
+@pytest.mark.parametrize("shape,dim", [((4, 8), -1), ((2, 3, 8), -1), ((2, 3, 8), 1)], ids=str)
+def test_output_modified_in_place_as_torch(shape, dim, autocast, op, backend):
+    """F.softmax's backward needs its output, so modifying that in place makes the backward raise (autograd's
+    version check); lmrt's raises the same error at the same point. It raised at the in-place op instead where the
+    custom op returned a view of the kernels' output (triton; cpp under autocast with `dim` last), which autograd
+    refuses to modify in place."""
+    lmrt_fn, torch_fn, _ = OPS[op]
+    for fn in (torch_fn, lmrt_fn):
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        with lmrt.backend(backend), torch.autocast(DEVICE, enabled=autocast):
+            y = fn(x, dim)
+            y.mul_(2)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dim", [2, 1])
+def test_no_output_is_a_view(dim, log, backend):
+    """No output of the custom ops, backward's included, is a view of a tensor made inside them (the kernels'
+    results in their own layout): custom ops return tensors of their own."""
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    with lmrt.backend(backend):
+        y = torch.ops.lmrt.softmax_fwd(x, dim, torch.float32, log)
+        dx = torch.ops.lmrt.softmax_bwd(torch.randn_like(x), y, dim, log, torch.float32)
+    assert y._base is None and dx._base is None
