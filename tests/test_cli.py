@@ -115,7 +115,7 @@ def test_resume_takes_every_setting_given(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--quiet", "--set", *TINY, "max_steps=4", "max_minutes=5"]) == 0
     (tmp_path / "other.txt").write_text("other text")
     (tmp_path / "lstm.yaml").write_text("model: lstm\n")
-    for refused, message in [(["--set", "learning_rate=5"], "learning_rate=0.001, the config now says 5.0"),
+    for refused, message in [(["--set", "weight_decay=0.5"], "weight_decay=0.1, the config now says 0.5"),
                              (["--set", "batch_size=64"], "batch_size=8, the config now says 64"),
                              (["--model", "lstm"], "model='gpt', the config now says 'lstm'"),
                              (["--config", str(tmp_path / "lstm.yaml")], "model='gpt', the config now says 'lstm'"),
@@ -182,6 +182,16 @@ def test_a_preset_is_for_the_model_and_under_the_settings(tmp_path, how):
     saved = _saved_config(tmp_path / "run")
     assert (saved["model"], saved["preset"], saved["learning_rate"]) == ("lstm", "tiny", 2e-3)
     assert saved["model_options"] == {"n_layer": 1, "n_embd": 128, "hidden_size": 64}
+
+
+def test_config_file_numbers_that_yaml_reads_as_strings(tmp_path):
+    """YAML reads 3e-4 as a string. TrainConfig.from_file converted it, but lmrt train --config read the file
+    itself and refused it."""
+    (tmp_path / "run.yaml").write_text("learning_rate: 3e-4\nmin_learning_rate: 1e-5\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"), "--quiet",
+                 "--set", *TINY]) == 0
+    saved = _saved_config(tmp_path / "run")
+    assert (saved["learning_rate"], saved["min_learning_rate"]) == (3e-4, 1e-5)
 
 
 def test_every_set_counts(tmp_path):

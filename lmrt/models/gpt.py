@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmrt._settings import require_at_least, require_dropout, require_one_of
+from lmrt._settings import require_at_least, require_dropout, require_one_of, require_types
 from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
 from lmrt.nn.attention import check_heads
 from lmrt.nn.feed_forward import ACTIVATIONS
@@ -45,6 +45,7 @@ class GPTConfig:
     eps: float = 1e-5
 
     def __post_init__(self):
+        require_types(self)
         require_at_least(self, 1, ("vocab_size", "context_length", "n_layer"))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmrt._settings import require_at_least, require_dropout
+from lmrt._settings import require_at_least, require_dropout, require_types
 from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
 
 
@@ -32,6 +32,7 @@ class LSTMConfig:
     tie_weights: bool = True
 
     def __post_init__(self):
+        require_types(self)
         require_at_least(self, 1, ("vocab_size", "context_length", "n_layer", "n_embd", "hidden_size"))
         require_dropout(self)
 
@@ -119,8 +120,11 @@ class LSTMLanguageModel(LanguageModel):
 def _cpu_lstm_runs_in(dtype: torch.dtype) -> bool:
     """Whether torch.nn.LSTM runs under CPU autocast to `dtype` on this CPU. oneDNN serves it, and its bfloat16 and
     float16 LSTM kernels need AVX-512 (float16 more): elsewhere the call fails ("could not create a primitive
-    descriptor for the LSTM forward propagation primitive"), and the path without oneDNN is some 100x slower."""
-    lstm = nn.LSTM(1, 1)
+    descriptor for the LSTM forward propagation primitive"), and the path without oneDNN is some 100x slower. The
+    probe's initialization draws from a forked generator: a run resumed with its saved random state must draw the
+    same dropout masks as the uninterrupted one."""
+    with torch.random.fork_rng(devices=[]):
+        lstm = nn.LSTM(1, 1)
     try:
         with torch.autocast("cpu", dtype=dtype):
             lstm(torch.zeros(1, 1, 1))

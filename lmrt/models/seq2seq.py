@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmrt._settings import require_at_least, require_one_of
+from lmrt._settings import require_at_least, require_one_of, require_types
 from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
 from lmrt.nn.attention import check_heads
 from lmrt.nn.feed_forward import ACTIVATIONS
@@ -48,6 +48,7 @@ class Seq2SeqConfig:
     eps: float = 1e-5
 
     def __post_init__(self):
+        require_types(self)
         require_at_least(self, 1, ("src_vocab_size", "tgt_vocab_size", "max_length", "n_encoder_layers",
                                    "n_decoder_layers", "ffn_dim"))
         check_heads("lmrt.models.Seq2SeqConfig", self.d_model, self.n_head, self.n_head,

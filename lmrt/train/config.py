@@ -8,13 +8,12 @@ resumed and reproduced.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmrt._settings import require_at_least, require_one_of
+from lmrt._settings import field_types, require_at_least, require_one_of, require_types, types_of
 from lmrt.backends import BACKENDS
 
 MODELS = ("gpt", "seq2seq", "lstm")
@@ -64,12 +63,16 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self):
-        _check_types(self)
+        require_types(self)
         require_one_of(self, dict(model=MODELS, tokenizer=TOKENIZERS, precision=PRECISIONS))
         require_at_least(self, 1, ("context_length", "batch_size", "gradient_accumulation", "max_steps",
                                    "eval_interval", "eval_batches", "sample_interval", "checkpoint_interval",
                                    "sample_tokens", "keep_last"))
         require_at_least(self, 0, ("warmup_steps", "bpe_vocab_size"))
+        if self.model == "seq2seq" and self.context_length < 4:
+            # The trainer splits a window into a source of half and a target of half less its end token.
+            raise ValueError(f"TrainConfig: `context_length` must be >= 4 for model seq2seq (a source of half and a "
+                             f"target of half, less its end token), got {self.context_length}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"TrainConfig: `backend` must be one of {', '.join(BACKENDS)} or None (each op's "
                              f"default), got {self.backend!r}")
@@ -100,12 +103,8 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
-        """A config from a .yaml/.yml or .toml file; settings it leaves out keep their defaults. A string given for
-        a setting of another type is read as `--set` reads it (YAML takes 3e-4 for a string, say)."""
-        types = _setting_types()
-        return cls.from_dict({key: _parse(key, value, types[key], f"config file {path}:")
-                              if isinstance(value, str) and key in types and str not in _types_of(types[key])
-                              else value for key, value in read_settings(path).items()})
+        """A config from a .yaml/.yml or .toml file (read_settings); settings it leaves out keep their defaults."""
+        return cls.from_dict(read_settings(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,7 +143,8 @@ def settings_over(base: dict, settings: dict) -> dict:
 
 
 def read_settings(path: str | Path) -> dict:
-    """The mapping in a YAML or TOML file, with a clear error for a missing, unreadable or malformed one."""
+    """The settings in a YAML or TOML file, with a clear error for a missing, unreadable or malformed one. A string
+    given for a setting of another type is read as `--set` reads it (YAML takes 3e-4 for a string, say)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -171,36 +171,15 @@ def read_settings(path: str | Path) -> dict:
         return {}
     if not isinstance(settings, dict):
         raise ValueError(f"config file {path} must hold a mapping of settings, got {type(settings).__name__}")
-    return settings
+    types = _setting_types()
+    return {key: _parse(key, value, types[key], f"config file {path}:")
+            if isinstance(value, str) and key in types and str not in types_of(types[key]) else value
+            for key, value in settings.items()}
 
 
-@functools.cache
 def _setting_types() -> dict[str, type]:
-    """TrainConfig's settings and their annotations, evaluated (the module's annotations are strings)."""
-    return typing.get_type_hints(TrainConfig)
-
-
-def _types_of(annotation) -> tuple[type, ...]:
-    """The types an annotation allows: (int,) for int, (float, NoneType) for float | None."""
-    return typing.get_args(annotation) or (annotation,)
-
-
-def _check_types(config: TrainConfig) -> None:
-    """Each setting of the type its annotation names (an int for a float too, never a bool for a number), so that
-    a value read from a file fails here, naming the setting, rather than as a traceback mid-run."""
-    for name, annotation in _setting_types().items():
-        value, allowed = getattr(config, name), _types_of(annotation)
-        if isinstance(value, bool):
-            ok = bool in allowed
-        elif isinstance(value, int):
-            ok = int in allowed or float in allowed
-        else:
-            ok = isinstance(value, tuple(t for t in allowed if t is not bool))
-        if not ok:
-            need = " or ".join("None" if t is type(None) else "an integer" if t is int else "a number" if t is float
-                               else "true or false" if t is bool else "a mapping" if t is dict else "a string"
-                               for t in allowed)
-            raise ValueError(f"TrainConfig: `{name}` must be {need}, got {value!r}")
+    """TrainConfig's settings and their annotations, evaluated."""
+    return field_types(TrainConfig)
 
 
 def _parse(key: str, text: str, annotation, where: str = "override"):

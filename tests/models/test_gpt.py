@@ -91,6 +91,11 @@ def test_compiled_training_step_matches_eager():
     (dict(norm="batch"), "`norm` must be one of layer, rms, got 'batch'"),
     (dict(dropout=1.0), r"`dropout` must be in \[0, 1\), got 1.0"),
     (dict(vocab_size=0), "`vocab_size` must be >= 1, got 0"),
+    # model_options from a file or --set: "false" was taken as true, "2" failed as a comparison of str and int
+    (dict(bias="false"), "GPTConfig: `bias` must be true or false, got 'false'"),
+    (dict(n_layer="2"), "GPTConfig: `n_layer` must be an integer, got '2'"),
+    (dict(n_embd=32.0), "GPTConfig: `n_embd` must be an integer, got 32.0"),
+    (dict(dropout=float("nan")), "GPTConfig: `dropout` must be a finite number, got nan"),
 ])
 def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):

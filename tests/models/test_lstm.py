@@ -72,3 +72,14 @@ def test_trains_under_cpu_autocast():
     loss.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
     torch.testing.assert_close(logits.float(), model(idx)[0], atol=0.05, rtol=0.05)
+
+
+def test_the_cpu_autocast_probe_leaves_the_random_state_alone():
+    """The probe for oneDNN's LSTM kernels initializes an LSTM: from torch's global generator it shifted every later
+    dropout mask of the process, so a resumed bfloat16 run drew other masks than the uninterrupted one."""
+    from lmrt.models.lstm import _cpu_lstm_runs_in
+
+    _cpu_lstm_runs_in.cache_clear()
+    state = torch.random.get_rng_state()
+    _cpu_lstm_runs_in(torch.bfloat16)
+    assert torch.equal(torch.random.get_rng_state(), state)

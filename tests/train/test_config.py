@@ -41,10 +41,14 @@ def test_round_trip_through_a_dict():
     ("beta2=-0.1", r"`beta2` must be in \[0, 1\), got -0.1"),
     ("sample_tokens=0", "`sample_tokens` must be >= 1, got 0"),
     ("backend=nope", "`backend` must be one of triton, cuda, cpp, torch or None .*, got 'nope'"),
+    ("learning_rate=inf", "`learning_rate` must be a finite number, got inf"),
+    ("grad_clip=nan", "`grad_clip` must be a finite number, got nan"),
+    ("max_minutes=inf", "`max_minutes` must be a finite number, got inf"),
+    ("model=seq2seq context_length=3", "`context_length` must be >= 4 for model seq2seq .*, got 3"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(ValueError, match=message):
-        TrainConfig().with_overrides([override])
+        TrainConfig().with_overrides(override.split())
 
 
 def test_bad_files(tmp_path):
