@@ -7,25 +7,29 @@ events into a progress bar and lines of text). Events: "start" (the config, the 
 text), "checkpoint" (its path), "end" (a TrainResult).
 
 A run never loses its work: checkpoints hold everything needed to continue bitwise as if never stopped (model,
-optimizer, schedule, gradient scaler, RNG states, the data position, the config and the tokenizer); Ctrl-C saves one
-after the step in progress and returns; a loss that is not finite stops the run with NonFiniteLossError before
-anything is saved from it, so the last checkpoint stays the last good one.
+optimizer, schedule, gradient scaler, RNG states, the data position and a fingerprint of the data, the config and the
+tokenizer); Ctrl-C or SIGTERM saves one after the step in progress and returns; a training loss, gradient norm or
+validation loss that is not finite stops the run with NonFiniteLossError before the update that would spoil the weights,
+or before a checkpoint of spoilt weights is written, so the last checkpoint stays the last good one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
@@ -58,15 +62,27 @@ from lmrt.train.checkpoint import (
 )
 from lmrt.train.config import TrainConfig, settings_over
 
-# Settings a resumed run may change: how long it runs, what it reports and where it computes, not what it computes.
+# Settings a resumed run may change: how long it runs, what it reports and where it computes, not what it computes;
+# and how large its steps are and in what precision they compute (the remedies for a run that diverged), which need no
+# saved state of their own: the weights are float32 whatever the precision, and the schedule is recomputed from the
+# settings at every step.
 RESUMABLE_CHANGES = {"max_steps", "max_minutes", "eval_interval", "sample_interval", "sample_tokens", "sample_prompt",
-                     "checkpoint_interval", "keep_last", "tensorboard", "device", "compile", "backend"}
+                     "checkpoint_interval", "keep_last", "tensorboard", "device", "compile", "backend",
+                     "learning_rate", "min_learning_rate", "grad_clip", "precision"}
+# A second Ctrl-C this many seconds or more after the first interrupts at once; one sooner is the same keypress
+# arriving twice (torchrun forwards the terminal's SIGINT to workers that got it already).
+SECOND_CTRL_C_SECONDS = 2.0
+# The data's fingerprint hashes the tokens in chunks of this many, at most this many chunks, evenly spaced: all of a
+# corpus of up to 4M tokens, samples of a larger one (a .bin file too large to read at every start).
+_FINGERPRINT_CHUNK = 1 << 16
+_FINGERPRINT_CHUNKS = 64
 # Dense bfloat16 tensor-core peaks (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+    """The training loss, the gradient norm or the validation loss became NaN or infinite; the run stopped and kept
+    its last good checkpoint."""
 
 
 @dataclass
@@ -130,6 +146,10 @@ class Trainer:
         saved_tokenizer = tokenizer_from_dict(checkpoint["state"]["tokenizer"]) if checkpoint else None
         if load_data:
             self.tokenizer, tokens = self._corpus_tokens(saved_tokenizer)
+            self.data_fingerprint = _data_fingerprint(tokens)
+            if checkpoint:
+                _check_same_data(config, checkpoint["state"]["data"].get("fingerprint"), self.data_fingerprint,
+                                 checkpoint_path)
             if self.tokenizer.kind != config.tokenizer:
                 # A .bin file's ids are its own tokenizer's, whatever the setting said: the saved config tells the
                 # truth.
@@ -139,6 +159,7 @@ class Trainer:
             self.validation_data = self._dataset(validation_tokens, "validation")
         else:  # the checkpoint holds all that generation needs: the model and its tokenizer
             self.tokenizer, self.train_data, self.validation_data = saved_tokenizer, None, None
+            self.data_fingerprint = checkpoint["state"]["data"].get("fingerprint")
         self.model = _build_model(config, self.tokenizer).to(self.device)
         self.optimizer = _adamw(self.model, config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
@@ -184,7 +205,14 @@ class Trainer:
         apply_model_state(self.model, state["model"], source=source)
         apply_optimizer_state(self.optimizer, state["optimizer"], source=source)
         self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
+        # The saved schedule's base rate and the optimizer's rates are the saved learning_rate's: a resumed run that
+        # changes learning_rate or min_learning_rate continues on the schedule they give (the same rates, bit for bit,
+        # when neither changed).
+        self.scheduler.base_lrs = [self.config.learning_rate] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = self.config.learning_rate
+            group["lr"] = self.config.learning_rate * factor(self.scheduler.last_epoch)
+        if state["scaler"]:  # a no-op where the scaler is off (a float16 run resumed in another precision)
             self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         self.step, self.epoch, self.position = state["step"], state["data"]["epoch"], state["data"]["position"]
@@ -247,13 +275,11 @@ class Trainer:
         batches = self._micro_batches()
         started = time.perf_counter()
         train_loss = validation_loss = None
-        saved_step = None
+        saved_step = self.step  # a resumed run's checkpoint, or no step yet
         self._stop_requested = False
         with self._ctrl_c_requests_stop(), self._backend():
             try:
-                while self.step < config.max_steps and not self._stop_agreed():
-                    if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
-                        break
+                while self.step < config.max_steps and not self._stop_agreed(started):
                     train_loss, metrics = self._train_step(batches)
                     self.step += 1
                     self._emit("step", step=self.step, **metrics)
@@ -261,12 +287,14 @@ class Trainer:
                     evaluated = self.step % config.eval_interval == 0 or self.step == config.max_steps
                     if evaluated:
                         validation_loss = self._evaluate_and_report()
+                        if not math.isfinite(validation_loss):  # spoilt weights: the next step's loss would be too
+                            raise self._non_finite(self.step, "the validation loss", validation_loss)
                     if self.step % config.sample_interval == 0:
                         self._emit("sample", step=self.step, text=self.sample())
                     if self.step % config.checkpoint_interval == 0 or self.step == config.max_steps:
                         self._save(validation_loss if evaluated else None)
                         saved_step = self.step
-                if saved_step != self.step and self.step > 0:  # stopped by time or by request: keep the work
+                if saved_step != self.step:  # stopped by time or by request: keep the work
                     self._save(None)
             finally:
                 if self.rank == 0:
@@ -279,31 +307,42 @@ class Trainer:
 
     @contextlib.contextmanager
     def _ctrl_c_requests_stop(self):
-        """In the main thread, the first Ctrl-C asks the loop to stop after the current step (a second one
-        interrupts at once), so that a checkpoint is never taken in the middle of an optimizer update."""
+        """In the main thread, the first Ctrl-C (SIGINT) or a SIGTERM (what schedulers and torchrun send) asks the
+        loop to stop after the current step, so that a checkpoint is never taken in the middle of an optimizer
+        update. A second Ctrl-C interrupts at once, unless it comes within SECOND_CTRL_C_SECONDS of the first: under
+        torchrun every worker gets each keypress twice (from the terminal, and forwarded by torchrun), and ranks
+        interrupted at different points would wait on each other's collectives instead of saving."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        first_signal = None
 
         def handler(signum, frame):
-            if self._stop_requested:
+            nonlocal first_signal
+            now = time.monotonic()
+            if signum == signal.SIGINT and first_signal is not None and now - first_signal >= SECOND_CTRL_C_SECONDS:
                 raise KeyboardInterrupt
+            if first_signal is None:
+                first_signal = now
             self._stop_requested = True
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, previous_handler in previous.items():
+                signal.signal(number, previous_handler)
 
-    def _stop_agreed(self) -> bool:
-        """Whether to stop now: every process stops at the same step when any of them was asked to."""
+    def _stop_agreed(self, started: float) -> bool:
+        """Whether to stop now, at a stop request or with max_minutes past since `started`: every process stops at
+        the same step when any of them was asked to or ran out of time (each has its own clock, started apart)."""
+        time_up = self.config.max_minutes is not None and time.perf_counter() - started > 60 * self.config.max_minutes
         if self.world_size == 1:
-            return self._stop_requested
-        flag = torch.tensor(float(self._stop_requested), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._stop_requested = bool(flag.item())
-        return self._stop_requested
+            return self._stop_requested or time_up
+        flags = torch.tensor([float(self._stop_requested), float(time_up)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self._stop_requested = bool(flags[0].item())
+        return bool(flags.max().item())
 
     def _train_step(self, batches: Iterator) -> tuple[float, dict]:
         config, model = self.config, self.train_model
@@ -324,17 +363,22 @@ class Trainer:
             dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
         loss_value = mean_loss.item()
         if not math.isfinite(loss_value):
-            latest = self.checkpoints.latest()
-            raise NonFiniteLossError(f"step {self.step + 1}: the training loss is {loss_value}; the run stopped. "
-                                     f"The last good checkpoint is {latest or 'none (no checkpoint was written yet)'}; "
-                                     f"lower learning_rate or use precision=float32 and resume from it")
+            raise self._non_finite(self.step + 1, "the training loss", loss_value)
         if config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        elif not self.scaler.is_enabled():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        # A gradient that overflowed would make every weight it touches NaN: refuse it before the update. With
+        # float16 (the scaler on) an overflow is expected now and then: the scaler skips that update and lowers its
+        # scale.
+        if not self.scaler.is_enabled() and not math.isfinite(norm := norm.item()):
+            raise self._non_finite(self.step + 1, "the gradient norm", norm)
+        # This step's rate (after a resume with another learning_rate, the scheduler's get_last_lr() is the saved one).
+        lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         seconds = time.perf_counter() - start
         tokens = config.batch_size * config.gradient_accumulation * self.world_size * config.context_length
@@ -345,6 +389,15 @@ class Trainer:
         if self._peak_flops is not None and isinstance(self.model, GPT):
             metrics["mfu"] = self.model.estimate_mfu(tokens / seconds / self.world_size, self._peak_flops)
         return loss_value, metrics
+
+    def _non_finite(self, step: int, what: str, value: float) -> NonFiniteLossError:
+        """The error that stops the run at `step` (which is not saved), with the way back."""
+        latest = self.checkpoints.latest()
+        advice = (f"The last good checkpoint is {latest}; resume from it (lmrt train --resume) with a lower "
+                  f"learning_rate, a lower grad_clip or precision=float32" if latest else
+                  "No checkpoint was written yet; start again with a lower learning_rate, a lower grad_clip or "
+                  "precision=float32")
+        return NonFiniteLossError(f"step {step}: {what} is {value}; the run stopped. {advice}")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
@@ -418,7 +471,8 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                      "rng": capture_rng_state(), "step": self.step,
-                     "data": {"epoch": self.epoch, "position": self.position},
+                     "data": {"epoch": self.epoch, "position": self.position,
+                              "fingerprint": self.data_fingerprint},
                      "progress": {"tokens": self.tokens_seen, "seconds": self.train_seconds},
                      "config": self.config.to_dict(), "model_config": dataclasses.asdict(self.model.config),
                      "tokenizer": self.tokenizer.to_json()}
@@ -483,6 +537,33 @@ def _check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
         raise CheckpointError(f"cannot resume from {path}: it was trained with {name}={saved.get(name)!r}, the "
                               f"config now says {getattr(config, name)!r} (a resumed run may change only "
                               f"{', '.join(sorted(RESUMABLE_CHANGES))})")
+
+
+def _data_fingerprint(tokens) -> dict:
+    """The token count and a BLAKE2 hash of the tokens as int64 (all of them, or evenly spaced chunks of a large
+    corpus), cheap enough for every start: what tells a resumed run that its data changed under the same path."""
+    count = len(tokens)
+    chunks = -(-count // _FINGERPRINT_CHUNK)
+    if chunks > _FINGERPRINT_CHUNKS:
+        starts = [i * (count - _FINGERPRINT_CHUNK) // (_FINGERPRINT_CHUNKS - 1) for i in range(_FINGERPRINT_CHUNKS)]
+    else:
+        starts = range(0, count, _FINGERPRINT_CHUNK)
+    digest = hashlib.blake2b(digest_size=16)
+    for start in starts:
+        digest.update(numpy.asarray(tokens[start: start + _FINGERPRINT_CHUNK]).astype("<i8").tobytes())
+    return {"tokens": count, "hash": digest.hexdigest()}
+
+
+def _check_same_data(config: TrainConfig, saved: dict | None, current: dict, path: Path) -> None:
+    """The data is the one the checkpoint's run trained on, by fingerprint (a checkpoint of an lmrt that saved none
+    is taken on trust)."""
+    if saved is None or saved == current:
+        return
+    data = "the embedded corpus" if config.data is None else f"`data` {config.data}"
+    size = (f"{current['tokens']} tokens now, {saved['tokens']} then" if current["tokens"] != saved["tokens"] else
+            f"{current['tokens']} tokens, as then, but others")
+    raise CheckpointError(f"cannot resume from {path}: {data} is not the data its run trained on ({size}); restore "
+                          f"that data, or train a new run into another out_dir (--out)")
 
 
 def _tensorboard_writer(out_dir: Path):
@@ -592,12 +673,32 @@ def _schedule(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl, skipping (with one warning) the lines that are not a record with an integer
+    step: a line torn by a process killed or a disk filled mid-append must not cost the run."""
+    records, skipped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
+        else:
+            skipped += 1
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} unreadable line{'s' if skipped > 1 else ''} (not a JSON record "
+                      f"with an integer step; torn by an interrupted write?)", stacklevel=2)
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records after `step` that an interrupted run wrote past its last checkpoint."""
+    """Drop the records after `step` that an interrupted run wrote past its last checkpoint, and unreadable lines."""
     if path.is_file():
-        records = [line for line in path.read_text(encoding="utf-8").splitlines()
-                   if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
+        records = [record for record in _read_metrics(path) if record["step"] <= step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
 
 
 def _plot_losses(metrics: Path, out: Path) -> None:
@@ -611,7 +712,7 @@ def _plot_losses(metrics: Path, out: Path) -> None:
         return
     if not metrics.is_file():
         return
-    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = _read_metrics(metrics)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     validation = [(r["step"], r["validation_loss"]) for r in records if "validation_loss" in r]
     if not train:

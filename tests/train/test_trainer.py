@@ -1,8 +1,10 @@
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
+import time
 
 import pytest
 import torch
@@ -245,13 +247,13 @@ def test_generation_needs_only_the_checkpoint(tmp_path):
 
 def test_continue_run_refuses_only_changes_it_cannot_make(tmp_path):
     Trainer(_config(tmp_path, max_steps=4)).run()
-    with pytest.raises(CheckpointError, match="it was trained with learning_rate=0.001, the config now says 5 "
+    with pytest.raises(CheckpointError, match="it was trained with weight_decay=0.1, the config now says 0.5 "
                                               r"\(a resumed run may change only backend, "):
-        Trainer.continue_run(tmp_path / "run", {"learning_rate": 5, "max_steps": 8})
+        Trainer.continue_run(tmp_path / "run", {"weight_decay": 0.5, "max_steps": 8})
     # The saved value of a setting it cannot change is no change; default values of those it can change are.
-    trainer = Trainer.continue_run(tmp_path / "run", {"learning_rate": 1e-3, "model": "gpt", "max_steps": 2000,
+    trainer = Trainer.continue_run(tmp_path / "run", {"weight_decay": 0.1, "model": "gpt", "max_steps": 2000,
                                                       "max_minutes": None})
-    assert (trainer.config.max_steps, trainer.config.max_minutes, trainer.config.learning_rate) == (2000, None, 1e-3)
+    assert (trainer.config.max_steps, trainer.config.max_minutes, trainer.config.weight_decay) == (2000, None, 0.1)
     # model_options add to the saved ones (the same command again, say, whose preset gave the rest): a part of them
     # is no change; a different value is.
     Trainer.continue_run(tmp_path / "run", {"model_options": {"n_layer": 1}})
@@ -297,3 +299,184 @@ def test_a_split_too_short_for_one_example_is_named(tmp_path):
         Trainer(_config(tmp_path, data=str(tmp_path / "text.txt"), context_length=200))
     with pytest.raises(ValueError, match=r"the training split \(0.95 of the data\): the token stream has 1900 "):
         Trainer(_config(tmp_path, data=str(tmp_path / "text.txt"), context_length=2000))
+
+
+# A run of a few milliseconds a step, for the tests of what happens around the steps.
+QUICK = dict(model_options=dict(n_layer=1, n_head=2, n_embd=16, dropout=0.0), context_length=16, batch_size=2,
+             eval_batches=1, sample_interval=1000)
+
+
+def _quick(tmp_path, name="run", **overrides):
+    return _config(tmp_path, name, **{**QUICK, **overrides})
+
+
+def test_a_diverging_run_writes_no_checkpoint_of_spoilt_weights(tmp_path):
+    """A learning rate so large that the first update takes the weights to ~1e30: the step's evaluation is NaN, and
+    the run stops there, writing no checkpoint of those weights."""
+    config = _quick(tmp_path, learning_rate=1e30, min_learning_rate=0.0, warmup_steps=0, eval_interval=1,
+                    checkpoint_interval=1, max_steps=3)
+    with pytest.raises(NonFiniteLossError, match=r"step 1: the validation loss is nan; the run stopped. No checkpoint "
+                                                 r"was written yet; start again with a lower learning_rate"):
+        Trainer(config).run()
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_a_non_finite_gradient_stops_the_run_before_the_update(tmp_path, grad_clip):
+    """A finite loss whose gradient overflowed: the run stops before the optimizer step, the weights untouched (the
+    clipping would have multiplied the gradients by inf/inf = NaN, and AdamW put NaN in every weight)."""
+    trainer = Trainer(_quick(tmp_path, grad_clip=grad_clip, max_steps=4, eval_interval=2, checkpoint_interval=2))
+    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.model.get_parameter(next(iter(weights))).register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"step 1: the gradient norm is (inf|nan); the run stopped"):
+        trainer.run()
+    assert all(torch.equal(p, weights[name]) for name, p in trainer.model.named_parameters())
+
+
+def test_a_resumed_run_takes_a_lower_learning_rate_and_another_precision(tmp_path):
+    """The advice of NonFiniteLossError can be followed: resume with a lower learning_rate (the schedule and the
+    optimizer take it from the next step), another precision and grad_clip."""
+    Trainer(_quick(tmp_path, max_steps=4, warmup_steps=2, eval_interval=4, checkpoint_interval=4)).run()
+    changes = {"learning_rate": 1e-4, "min_learning_rate": 1e-5, "precision": "bfloat16", "grad_clip": 0.5,
+               "max_steps": 6}
+    trainer = Trainer.continue_run(tmp_path / "run", changes)
+    expected = 1e-5 + 0.9e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 4))  # step 5 of the new cosine (warmup 2, to 6)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([expected] * 2)
+    assert trainer.run().step == 6 and trainer.amp_dtype == torch.bfloat16
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, lines) if "lr" in r}
+    assert lrs[4] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 2))))  # the saved run's
+    assert lrs[5] == pytest.approx(expected) and lrs[6] < lrs[5]
+
+
+def test_resuming_a_run_that_trains_no_step_leaves_its_checkpoint_alone(tmp_path):
+    """Resumed at max_steps, or stopped (here by max_minutes) before its first step, a run has nothing new to save:
+    its last checkpoint keeps its validation loss in the index and in the file."""
+    Trainer(_quick(tmp_path, max_steps=2, eval_interval=2, checkpoint_interval=2)).run()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    assert Trainer.continue_run(tmp_path / "run").run().step == 2
+    assert Trainer.continue_run(tmp_path / "run", {"max_steps": 4, "max_minutes": 1e-9}).run().step == 2
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+    assert json.loads((checkpoints / "checkpoints.json").read_text())["checkpoints"][0]["validation_loss"] is not None
+
+
+def test_a_torn_metrics_line_is_skipped_with_a_warning(tmp_path):
+    """A partial line (a process killed mid-append) or a record without a step does not make the run unresumable:
+    they are dropped, with one warning naming the file."""
+    Trainer(_quick(tmp_path, max_steps=2, eval_interval=2, checkpoint_interval=2)).run()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as file:
+        file.write('{"loss": 1.0}\n{"step": 3, "loss": 5.4')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: skipped 2 unreadable lines \(not a JSON record with an "
+                                         r"integer step"):
+        assert Trainer.continue_run(tmp_path / "run", {"max_steps": 3}).run().step == 3
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3]
+
+
+def _press_ctrl_c_at_step_2(signals):
+    def on_event(name, data):
+        if name == "step" and data["step"] == 2:
+            for number in signals:
+                os.kill(os.getpid(), number)
+    return on_event
+
+
+def test_ctrl_c_twice_at_once_and_sigterm_finish_the_step_and_save(tmp_path):
+    """Under torchrun each worker gets one Ctrl-C twice (the terminal's and torchrun's): that still finishes the
+    step and saves, as a SIGTERM (a scheduler's, torchrun's) does."""
+    try:
+        result = Trainer(_quick(tmp_path, "twice"), on_event=_press_ctrl_c_at_step_2([signal.SIGINT] * 2)).run()
+    except KeyboardInterrupt:  # which would end the test session
+        pytest.fail("the second SIGINT of one Ctrl-C interrupted the run at once")
+    assert result.interrupted and result.step == 2
+    assert (tmp_path / "twice" / "checkpoints" / "step-00000002.pt").is_file()
+
+    class Terminated(Exception):
+        pass
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        result = Trainer(_quick(tmp_path, "term"), on_event=_press_ctrl_c_at_step_2([signal.SIGTERM])).run()
+        assert signal.getsignal(signal.SIGTERM) is terminated  # the handler is put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.interrupted and result.step == 2
+    assert (tmp_path / "term" / "checkpoints" / "step-00000002.pt").is_file()
+
+
+def test_a_later_second_ctrl_c_interrupts_at_once(tmp_path, monkeypatch):
+    from lmrt.train import trainer
+
+    monkeypatch.setattr(trainer, "SECOND_CTRL_C_SECONDS", 0.0)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_quick(tmp_path), on_event=_press_ctrl_c_at_step_2([signal.SIGINT] * 2)).run()
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+def test_resume_refuses_other_data_at_the_same_path(tmp_path):
+    """The checkpoint holds a fingerprint of the data: other text at the same path is refused, the run's own text
+    resumes, and a checkpoint saved without a fingerprint (an older lmrt's) is taken on trust."""
+    from lmrt.train import CheckpointManager
+    from lmrt.train.checkpoint import load_checkpoint
+
+    data = tmp_path / "text.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    Trainer(_quick(tmp_path, data=str(data), max_steps=2, eval_interval=2, checkpoint_interval=2)).run()
+    data.write_text("THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG. " * 40)  # as many tokens, others
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step-00000002.pt: `data` .*text.txt is not the "
+                                              r"data its run trained on \(1800 tokens, as then, but others\)"):
+        Trainer.continue_run(tmp_path / "run", {"max_steps": 3})
+    data.write_text("the quick brown fox. " * 40)
+    with pytest.raises(CheckpointError, match=r"\(840 tokens now, 1800 then\); restore that data, or train a new run"):
+        Trainer(_quick(tmp_path, data=str(data), max_steps=3, eval_interval=2, checkpoint_interval=2), resume=True)
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    assert Trainer.continue_run(tmp_path / "run", {"max_steps": 3}).run().step == 3
+
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000003.pt")
+    del checkpoint["state"]["data"]["fingerprint"]
+    CheckpointManager(tmp_path / "run" / "checkpoints").save(3, checkpoint["state"], checkpoint["validation_loss"])
+    data.write_text("THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG. " * 40)
+    assert Trainer.continue_run(tmp_path / "run", {"max_steps": 4}).run().step == 4
+
+
+def _ddp_worker_rank_0_late(rank, port, config_dict):
+    """A DDP worker whose rank 0 starts its clock 1.5 s after rank 1 (its start-up writes take that long)."""
+    if rank == 0:
+        import time
+
+        from lmrt.train import trainer
+
+        truncate = trainer._truncate_metrics
+        trainer._truncate_metrics = lambda path, step: (time.sleep(1.5), truncate(path, step))
+    _ddp_worker(rank, port, config_dict)
+
+
+def test_max_minutes_stops_every_process_at_the_same_step(tmp_path):
+    """Each process measures max_minutes on its own clock, and theirs start apart: all stop at the step the first
+    one's time is up, and save (a process that stopped alone would wait in the checkpoint's barrier forever while the
+    other waits in a gradient all-reduce)."""
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = _quick(tmp_path, max_steps=100_000, max_minutes=0.05, eval_interval=100_000,
+                    checkpoint_interval=100_000)
+    context = torch.multiprocessing.spawn(_ddp_worker_rank_0_late, args=(port, config.to_dict()), nprocs=2,
+                                          join=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "the processes hang"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    steps = [path.name for path in (tmp_path / "run" / "checkpoints").glob("step-*")]
+    assert len(steps) == 1 and sorted(_losses(tmp_path / "run")) == list(range(1, int(steps[0][5:13]) + 1))
