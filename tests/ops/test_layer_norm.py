@@ -211,9 +211,14 @@ def test_compiles_without_graph_breaks():
     check_compiled_matches_eager(step, (x, weight, bias))
 
 
+# The in-place tests' cases, here and in test_rms_norm.py: (input shape, normalized dims, float32, float64 or autocast).
+IN_PLACE_CASES = pytest.mark.parametrize("shape,ndim,case", [
+    (shape, ndim, case) for shape, ndim in [((4, 8), 1), ((2, 3, 8), 2)] for case in ("float32", "float64", "autocast")
+], ids=str)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["float32", "float64", "autocast"])
-@pytest.mark.parametrize("shape,ndim", [((4, 8), 1), ((2, 3, 8), 2)], ids=str)
+@IN_PLACE_CASES
 def test_output_modified_in_place(shape, ndim, case, backend):
     """A residual added in place to the output, then ReLU(inplace=True), as after F.layer_norm: same gradients. The
     custom op returned a view of the kernels' (rows, columns) output, which autograd refuses to modify in place;

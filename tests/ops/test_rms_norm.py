@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import lmrt
 from lmrt import reference
 from tests.conftest import BACKENDS, DEVICE, DTYPES
-from tests.ops.test_layer_norm import SHAPES, long_adversarial_rows
+from tests.ops.test_layer_norm import IN_PLACE_CASES, SHAPES, long_adversarial_rows
 from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
 
@@ -145,13 +145,9 @@ def test_compiles_without_graph_breaks():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["float32", "float64", "autocast"])
-@pytest.mark.parametrize("shape,ndim", [((4, 8), 1), ((2, 3, 8), 2)], ids=str)
+@IN_PLACE_CASES
 def test_output_modified_in_place(shape, ndim, case, backend):
-    """A residual added in place to the output, then ReLU(inplace=True), as after F.rms_norm: same gradients. The
-    custom op returned a view of the kernels' (rows, columns) output, which autograd refuses to modify in place;
-    only the eager C++ call (cpp, float32, no autocast) did not. float64 runs on the reference (the kernels take
-    none), and under autocast every backend goes through the custom op."""
+    """As test_layer_norm.py's test of the same name: a residual added in place, then ReLU(inplace=True)."""
     if case == "float64" and backend != "torch":
         pytest.skip("the kernels take no float64: the torch backend serves it")
     dtype = torch.float64 if case == "float64" else torch.float32
