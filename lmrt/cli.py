@@ -42,6 +42,8 @@ from lmrt.train.trainer import NonFiniteLossError, Trainer, corpus_tokens
 
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImportError, NonFiniteLossError, OSError,
                backends.BackendCannotServeError)
+# lmrt generate's sampling options, with their defaults when it samples (neither --greedy nor --beams).
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", default="\n")
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--greedy", action="store_true", help="the most likely token at each step")
-    generate.add_argument("--temperature", type=float, default=0.8)
-    generate.add_argument("--top-k", type=int, default=40)
-    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--temperature", type=float,
+                          help=f"the sampling temperature (default: {SAMPLING['temperature']})")
+    generate.add_argument("--top-k", type=int,
+                          help=f"sample from the k likeliest tokens (default: {SAMPLING['top_k']})")
+    generate.add_argument("--top-p", type=float, help="sample from the likeliest tokens whose probabilities reach p")
     generate.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
     generate.add_argument("--length-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
@@ -176,9 +180,18 @@ def _eval(args) -> int:
 
 def _generate(args) -> int:
     trainer = _trainer_of_run(args.run, load_data=False)  # the checkpoint's model and tokenizer are all it needs
+    given = {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
+    if args.greedy or args.beams != 1:
+        # Greedy decoding and beam search draw nothing: a sampling option given with them would be ignored.
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise ValueError(f"{flags} set how tokens are sampled, and --greedy or --beams decode without sampling; "
+                             "leave out one or the other")
+        if args.greedy and args.beams != 1:
+            raise ValueError(f"--greedy and --beams {args.beams} are two ways to decode; pick one")
     options = dict(num_beams=args.beams, length_penalty=args.length_penalty)
     if not args.greedy and args.beams == 1:
-        options.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        options.update(do_sample=True, **{**SAMPLING, **given})
     print(trainer.generate_text(args.prompt, args.max_new_tokens, seed=args.seed, **options))
     return 0
 

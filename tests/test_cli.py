@@ -37,6 +37,12 @@ def test_train_eval_generate(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("step 8: validation loss ")
     assert main(["generate", "--run", str(run), "--prompt", "The", "--max-new-tokens", "5", "--greedy"]) == 0
     assert capsys.readouterr().out.startswith("The")
+    # Sampling options with a decoding that draws nothing were ignored without a word.
+    assert main(["generate", "--run", str(run), "--beams", "2", "--top-k", "5", "--temperature", "2"]) == 2
+    assert capsys.readouterr().err == ("lmrt generate: error: --temperature, --top-k set how tokens are sampled, and "
+                                       "--greedy or --beams decode without sampling; leave out one or the other\n")
+    assert main(["generate", "--run", str(run), "--greedy", "--beams", "3"]) == 2
+    assert "--greedy and --beams 3 are two ways to decode; pick one" in capsys.readouterr().err
 
     # Resume with more steps: the saved config is used, and only what a resumed run may change is taken.
     assert main(["train", "--out", str(run), "--resume", "--quiet", "--set", "max_steps=10"]) == 0
