@@ -194,7 +194,7 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """(output, float32 log-sum-exp per query row); see kernels/attention.py's `attention_fwd`."""
     if q.shape[1] == 0:  # no query heads: nothing to compute (the kernels' head groups divide by the kv heads)
-        return _output_layout(q.new_empty(*q.shape[:3], v.shape[-1]), heads_first_out), _no_lse(q)
+        return as_op_output(_output_layout(q.new_empty(*q.shape[:3], v.shape[-1]), heads_first_out)), _no_lse(q)
     args = (q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, causal,
             bottom_right, scale)
     backend = _backend(q, k, v, attn_mask, dropout_p, cu_seqlens_q is not None)

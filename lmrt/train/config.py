@@ -122,7 +122,7 @@ def parse_overrides(overrides: list[str]) -> dict:
     """The settings that `key=value` overrides give, later ones over earlier; a value is parsed as the setting's type
     (`none` for an optional one, JSON for model_options, e.g. model_options={"n_layer":2})."""
     settings = {}
-    types = _setting_types()
+    types = field_types(TrainConfig)
     for override in overrides:
         key, sep, text = override.partition("=")
         key = key.strip().replace("-", "_")
@@ -171,15 +171,10 @@ def read_settings(path: str | Path) -> dict:
         return {}
     if not isinstance(settings, dict):
         raise ValueError(f"config file {path} must hold a mapping of settings, got {type(settings).__name__}")
-    types = _setting_types()
+    types = field_types(TrainConfig)
     return {key: _parse(key, value, types[key], f"config file {path}:")
             if isinstance(value, str) and key in types and str not in types_of(types[key]) else value
             for key, value in settings.items()}
-
-
-def _setting_types() -> dict[str, type]:
-    """TrainConfig's settings and their annotations, evaluated."""
-    return field_types(TrainConfig)
 
 
 def _parse(key: str, text: str, annotation, where: str = "override"):
