@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+# A byte-level BPE vocabulary holds at least the 256 bytes and the special tokens.
+MIN_BPE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 class Tokenizer:
@@ -104,8 +106,8 @@ class BPETokenizer(Tokenizer):
         """Learn merges from `texts` until the vocabulary (256 bytes, merges, 3 special tokens) has `vocab_size`
         entries, or fewer if the corpus runs out of pairs to merge."""
         tokenizers = _import_tokenizers()
-        if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"BPETokenizer.train: `vocab_size` must be at least {256 + len(SPECIAL_TOKENS)} (the "
+        if vocab_size < MIN_BPE_VOCAB_SIZE:
+            raise ValueError(f"BPETokenizer.train: `vocab_size` must be at least {MIN_BPE_VOCAB_SIZE} (the "
                              f"256 bytes and {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
         tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
         tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lmrt._settings import field_types, require_at_least, require_one_of, require_types, types_of
 from lmrt.backends import BACKENDS
+from lmrt.data.tokenizer import MIN_BPE_VOCAB_SIZE
 
 MODELS = ("gpt", "seq2seq", "lstm")
 TOKENIZERS = ("byte", "bpe")
@@ -68,7 +69,8 @@ class TrainConfig:
         require_at_least(self, 1, ("context_length", "batch_size", "gradient_accumulation", "max_steps",
                                    "eval_interval", "eval_batches", "sample_interval", "checkpoint_interval",
                                    "sample_tokens", "keep_last"))
-        require_at_least(self, 0, ("warmup_steps", "bpe_vocab_size"))
+        require_at_least(self, 0, ("warmup_steps",))
+        require_at_least(self, MIN_BPE_VOCAB_SIZE, ("bpe_vocab_size",))
         if self.model == "seq2seq" and self.context_length < 4:
             # The trainer splits a window into a source of half and a target of half less its end token.
             raise ValueError(f"TrainConfig: `context_length` must be >= 4 for model seq2seq (a source of half and a "

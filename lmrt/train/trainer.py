@@ -50,7 +50,7 @@ from lmrt.data import (
     tokenizer_from_dict,
 )
 from lmrt.data.token_file import tokenizer_path
-from lmrt.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, Seq2SeqConfig, Seq2SeqTransformer
+from lmrt.models import GPT, IGNORE_INDEX, GPTConfig, LSTMConfig, LSTMLanguageModel, Seq2SeqConfig, Seq2SeqTransformer
 from lmrt.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -165,6 +165,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.position = 0, 0, 0
+        self._saved_run = (None, None)  # (checkpoint, processes that trained it) of a resumed run
         self.tokens_seen, self.train_seconds = 0, 0.0  # totals over the run, resumed ones included
         self._tensorboard = _tensorboard_writer(self.out_dir) if config.tensorboard and self.rank == 0 else None
         if checkpoint:
@@ -216,6 +217,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         self.step, self.epoch, self.position = state["step"], state["data"]["epoch"], state["data"]["position"]
+        # Positions count each process's share of the data (and a step, batch_size sequences per process): the run
+        # goes on with as many processes or not at all (None: a checkpoint of an lmrt that did not record it).
+        self._saved_run = (source, state["data"].get("processes"))
         self.tokens_seen, self.train_seconds = state["progress"]["tokens"], state["progress"]["seconds"]
 
     def _require_data(self, purpose: str) -> None:
@@ -259,6 +263,11 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train until max_steps, max_minutes or a stop request (Ctrl-C); returns how it ended."""
         self._require_data("training")
+        path, processes = self._saved_run
+        if processes is not None and processes != self.world_size:
+            raise CheckpointError(f"cannot train on from {path} in {self.world_size} process(es): its run trained "
+                                  f"in {processes}, and the position in the data and the global batch are per "
+                                  f"process; resume it with {_launch_command(processes)}")
         config = self.config
         if config.max_steps // config.sample_interval > self.step // config.sample_interval:
             self._prompt_ids(config.sample_prompt, "`sample_prompt`")  # refused now, not at the first sample
@@ -408,8 +417,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:
-        """Mean loss over the first `batches` batches of the validation data (the same ones every time; all of
-        them when None)."""
+        """Mean loss per target token over the first `batches` batches of the validation data (the same ones every
+        time; all of them when None): each batch's mean weighs as many targets as it holds, so a short last batch or
+        a batch of short seq2seq targets counts for what it holds."""
         self._require_data("evaluation")
         if batches is not None and batches < 1:
             raise ValueError(f"evaluation needs `batches` >= 1 (or None: every validation batch), got {batches}")
@@ -418,12 +428,14 @@ class Trainer:
         if isinstance(data, LanguageModelWindows):
             data.set_epoch(0)
         end = len(data) if batches is None else min(len(data), size * batches)
-        losses = []
+        loss_sum, targets = 0.0, 0
         for start in range(0, end, size):
             batch = self._collate(data, [data[i] for i in range(start, min(start + size, end))])
+            counted = int((batch[-1] != IGNORE_INDEX).sum())  # the last column of every batch is the targets
             with self._autocast(), self._backend():
-                losses.append(self.model(*batch)[1].float().item())
-        return sum(losses) / len(losses)
+                loss_sum += self.model(*batch)[1].float().item() * counted
+            targets += counted
+        return loss_sum / targets
 
     def _evaluate_and_report(self) -> float:
         loss = self.evaluate(self.config.eval_batches)
@@ -471,7 +483,7 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                      "rng": capture_rng_state(), "step": self.step,
-                     "data": {"epoch": self.epoch, "position": self.position,
+                     "data": {"epoch": self.epoch, "position": self.position, "processes": self.world_size,
                               "fingerprint": self.data_fingerprint},
                      "progress": {"tokens": self.tokens_seen, "seconds": self.train_seconds},
                      "config": self.config.to_dict(), "model_config": dataclasses.asdict(self.model.config),
@@ -517,6 +529,10 @@ def _refuse_existing_run(out_dir: str | Path) -> None:
     if latest is not None:
         raise CheckpointError(f"`out_dir` {out_dir} already holds a run (latest checkpoint {latest.name}); continue it "
                               "with resume (lmrt train --resume), or train into another out_dir (--out)")
+
+
+def _launch_command(processes: int) -> str:
+    return "lmrt train --resume" if processes == 1 else f"torchrun --nproc_per_node {processes} -m lmrt train --resume"
 
 
 def _latest_checkpoint(out_dir: str | Path) -> tuple[dict, Path]:

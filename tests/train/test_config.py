@@ -40,6 +40,7 @@ def test_round_trip_through_a_dict():
     ("beta1=1.5", r"`beta1` must be in \[0, 1\), got 1.5"),
     ("beta2=-0.1", r"`beta2` must be in \[0, 1\), got -0.1"),
     ("sample_tokens=0", "`sample_tokens` must be >= 1, got 0"),
+    ("bpe_vocab_size=0", "`bpe_vocab_size` must be >= 259, got 0"),
     ("backend=nope", "`backend` must be one of triton, cuda, cpp, torch or None .*, got 'nope'"),
     ("learning_rate=inf", "`learning_rate` must be a finite number, got inf"),
     ("grad_clip=nan", "`grad_clip` must be a finite number, got nan"),

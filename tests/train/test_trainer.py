@@ -480,3 +480,42 @@ def test_max_minutes_stops_every_process_at_the_same_step(tmp_path):
                 process.kill()
     steps = [path.name for path in (tmp_path / "run" / "checkpoints").glob("step-*")]
     assert len(steps) == 1 and sorted(_losses(tmp_path / "run")) == list(range(1, int(steps[0][5:13]) + 1))
+
+
+def test_a_run_trains_on_only_in_as_many_processes_as_trained_it(tmp_path):
+    """A checkpoint's position in the data counts one process's share, and its steps batch_size sequences per
+    process: resuming with another number of processes is refused (a checkpoint without the count, an older lmrt's,
+    is taken on trust). Evaluation and generation need no particular count."""
+    from lmrt.train import CheckpointManager
+    from lmrt.train.checkpoint import load_checkpoint
+
+    Trainer(_quick(tmp_path, max_steps=2, eval_interval=2, checkpoint_interval=2)).run()
+    path = tmp_path / "run" / "checkpoints" / "step-00000002.pt"
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["state"]["data"]["processes"] == 1
+    checkpoint["state"]["data"]["processes"] = 2  # as a run under torchrun --nproc_per_node 2 saves it
+    CheckpointManager(tmp_path / "run" / "checkpoints").save(2, checkpoint["state"], checkpoint["validation_loss"])
+    trainer = Trainer.continue_run(tmp_path / "run", {"max_steps": 3})
+    assert math.isfinite(trainer.evaluate(1))
+    with pytest.raises(CheckpointError, match=r"cannot train on from .*step-00000002.pt in 1 process\(es\): its run "
+                                              r"trained in 2, .* torchrun --nproc_per_node 2 -m lmrt train --resume"):
+        trainer.run()
+    del checkpoint["state"]["data"]["processes"]
+    CheckpointManager(tmp_path / "run" / "checkpoints").save(2, checkpoint["state"], checkpoint["validation_loss"])
+    assert Trainer.continue_run(tmp_path / "run", {"max_steps": 3}).run().step == 3
+
+
+@pytest.mark.parametrize("model,options", [("gpt", TINY["model_options"]),
+                                           ("seq2seq", dict(d_model=32, n_head=2, n_encoder_layers=1,
+                                                            n_decoder_layers=1, ffn_dim=64))])
+def test_the_validation_loss_is_the_mean_over_every_target_token(tmp_path, model, options):
+    """Batches of 3 over a validation split that 3 does not divide: the loss is the one of every example in one
+    batch (the mean over all target tokens), not the mean of the batches' means, which overweighs the short last
+    batch."""
+    trainer = Trainer(_config(tmp_path, model=model, model_options=options, batch_size=3))
+    data = trainer.validation_data
+    assert len(data) % 3 != 0
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(*trainer._collate(data, [data[i] for i in range(len(data))]))[1].item()
+    assert trainer.evaluate() == pytest.approx(expected, rel=1e-6)
