@@ -18,11 +18,33 @@ def _check_positions(module: str, offset: int, length: int, max_length: int) -> 
                          f"max_length={max_length}; the context may be at most {max_length} tokens")
 
 
+def _sinusoids(positions: Tensor, embed_dim: int, base: float) -> Tensor:
+    """The float64 encodings (len(positions), embed_dim) of float64 `positions`."""
+    inv_freq = torch.exp(torch.arange(0, embed_dim, 2, dtype=torch.float64, device=positions.device)
+                         * (-math.log(base) / embed_dim))
+    angles = positions[:, None] * inv_freq
+    table = positions.new_zeros(len(positions), embed_dim)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : embed_dim // 2])
+    return table
+
+
+def _rotary_angles(positions: Tensor, head_dim: int, base: float) -> Tensor:
+    """The float64 angles (len(positions), head_dim / 2) of float64 `positions`."""
+    return positions[:, None] * base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64,
+                                                       device=positions.device) / head_dim)
+
+
+def _positions(start: int, end: int, device) -> Tensor:
+    return torch.arange(start, end, dtype=torch.float64, device=device)
+
+
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds the fixed sinusoids of Vaswani et al.: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...).
 
     forward(x, offset=0) with x of shape (batch, length, embed_dim) returns x + PE[offset : offset + length].
-    The table is a non-persistent buffer: it is not in the state dict and follows the module's device.
+    The table is a non-persistent float32 buffer: it is not in the state dict and follows the module's device. Float64
+    x gets float64 encodings, computed at each call.
     """
 
     def __init__(self, embed_dim: int, max_length: int, base: float = 10000.0, device=None):
@@ -30,18 +52,16 @@ class SinusoidalPositionalEncoding(nn.Module):
         if embed_dim < 1 or max_length < 1:
             raise ValueError(f"lmrt.nn.SinusoidalPositionalEncoding: `embed_dim` ({embed_dim}) and `max_length` "
                              f"({max_length}) must be >= 1")
-        self.embed_dim, self.max_length = embed_dim, max_length
-        position = torch.arange(max_length, dtype=torch.float64, device=device)[:, None]
-        inv_freq = torch.exp(torch.arange(0, embed_dim, 2, dtype=torch.float64, device=device)
-                             * (-math.log(base) / embed_dim))
-        table = torch.zeros(max_length, embed_dim, dtype=torch.float64, device=device)
-        table[:, 0::2] = torch.sin(position * inv_freq)
-        table[:, 1::2] = torch.cos(position * inv_freq[: embed_dim // 2])
-        self.register_buffer("table", table.float(), persistent=False)
+        self.embed_dim, self.max_length, self.base = embed_dim, max_length, base
+        self.register_buffer("table", _sinusoids(_positions(0, max_length, device), embed_dim, base).float(),
+                             persistent=False)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        end = offset + x.shape[-2]
         _check_positions("SinusoidalPositionalEncoding", offset, x.shape[-2], self.max_length)
-        return x + self.table[offset: offset + x.shape[-2]].to(x.dtype)
+        if x.dtype == torch.float64:  # the float32 table would cap a float64 run's precision near 1e-7
+            return x + _sinusoids(_positions(offset, end, x.device), self.embed_dim, self.base)
+        return x + self.table[offset: end].to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, max_length={self.max_length}"
@@ -69,7 +89,9 @@ class RotaryEmbedding(nn.Module):
 
     Pairs (x[i], x[i + d/2]) of each head are rotated by the angle p * base^(-2i/d) at position p (the
     "rotate half" layout of GPT-NeoX and Llama), so that the score of a query and a key depends on their
-    relative position only. forward(x, offset=0) takes x of shape (batch, length, heads, head_dim).
+    relative position only. forward(x, offset=0) takes x of shape (batch, length, heads, head_dim) and rotates in
+    float32 with float32 tables (non-persistent buffers), or in float64 with angles computed at each call for float64
+    x.
     """
 
     def __init__(self, head_dim: int, max_length: int, base: float = 10000.0, device=None):
@@ -77,8 +99,7 @@ class RotaryEmbedding(nn.Module):
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"lmrt.nn.RotaryEmbedding: `head_dim` must be even and >= 2, got {head_dim}")
         self.head_dim, self.max_length, self.base = head_dim, max_length, base
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-        angles = torch.arange(max_length, dtype=torch.float64, device=device)[:, None] * inv_freq
+        angles = _rotary_angles(_positions(0, max_length, device), head_dim, base)
         self.register_buffer("cos", angles.cos().float(), persistent=False)  # (max_length, head_dim / 2)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
@@ -88,9 +109,14 @@ class RotaryEmbedding(nn.Module):
                              f"got shape {list(x.shape)}")
         length = x.shape[-3]
         _check_positions("RotaryEmbedding", offset, length, self.max_length)
-        cos = self.cos[offset: offset + length, None, :]  # broadcast over the heads
-        sin = self.sin[offset: offset + length, None, :]
-        first, second = x.float().chunk(2, dim=-1)
+        if x.dtype == torch.float64:  # the float32 tables would cap a float64 run's precision near 1e-7
+            angles = _rotary_angles(_positions(offset, offset + length, x.device), self.head_dim, self.base)
+            cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        else:
+            # Broadcast over the heads; float32 even where Module.to(dtype) rounded the tables to another dtype.
+            cos = self.cos[offset: offset + length, None, :].float()
+            sin = self.sin[offset: offset + length, None, :].float()
+        first, second = x.to(cos.dtype).chunk(2, dim=-1)
         rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
         return rotated.to(x.dtype)
 

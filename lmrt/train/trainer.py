@@ -460,7 +460,7 @@ class Trainer:
         with self._autocast(), self._backend():
             if isinstance(self.model, Seq2SeqTransformer):
                 source = torch.tensor([ids], device=self.device)
-                limit = min(max_new_tokens, self.model.config.max_length - 1)
+                limit = min(max_new_tokens, self.model.config.max_length)  # the last new token is never fed back
                 out = self.model.generate(source, limit, generator=generator, **options)
                 return self.tokenizer.decode(out[0, 1:].tolist())
             room = self.config.context_length + 1 - len(ids)  # the last new token is never fed back
@@ -469,11 +469,14 @@ class Trainer:
             return self.tokenizer.decode(out[0].tolist())
 
     def _prompt_ids(self, prompt: str, name: str) -> list[int]:
-        """The token ids generation starts from (BOS for an empty prompt); a decoder-only model's context must hold
-        them."""
+        """The token ids generation starts from (BOS for an empty prompt); the model's context (the encoder's, for
+        the encoder-decoder) must hold them."""
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
-        if not isinstance(self.model, Seq2SeqTransformer) and len(ids) > self.config.context_length:
-            raise ValueError(f"{name} has {len(ids)} tokens; the model's context holds {self.config.context_length}")
+        seq2seq = isinstance(self.model, Seq2SeqTransformer)
+        context = self.model.config.max_length if seq2seq else self.config.context_length
+        if len(ids) > context:
+            raise ValueError(f"{name} has {len(ids)} tokens; the model's {'source' if seq2seq else 'context'} holds "
+                             f"{context}")
         return ids
 
     # --------------------------------------------------------------------------------------------------- records

@@ -39,8 +39,11 @@ def test_sinusoidal_matches_paper_formula(embed_dim, backend):
         encoding = module(x, offset) - x
     # PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)); odd widths end on a sine.
     expected = torch.tensor([[(math.sin if c % 2 == 0 else math.cos)(p / 10000 ** (2 * (c // 2) / embed_dim))
-                              for c in range(embed_dim)] for p in range(offset, offset + length)], device=DEVICE)
-    torch.testing.assert_close(encoding, expected.expand_as(x))
+                              for c in range(embed_dim)] for p in range(offset, offset + length)],
+                            dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(encoding, expected.float().expand_as(x))
+    x64 = x.double()  # a float64 run keeps float64's precision (a float32 table would be off by ~1e-8)
+    torch.testing.assert_close(module(x64, offset) - x64, expected.expand_as(x64), rtol=0, atol=1e-14)
     # The table is fixed: not a parameter, not in the state dict (models saved with it load without it).
     assert list(module.parameters()) == [] and module.state_dict() == {}
 
@@ -95,8 +98,8 @@ def test_rotary_scores_depend_on_relative_position_only():
 
     for difference in (-3, 0, 5):
         scores = [score(p, p - difference) for p in (10, 17, 30)]
-        # float32 tables: angles up to 30 radians rounded to float32 move a score of size ~8 by ~1e-5.
-        assert scores == pytest.approx([scores[0]] * 3, abs=1e-4), f"p - r = {difference}: {scores}"
+        # float64 throughout (float32 tables would move a score of size ~8 by ~1e-5): equal to rounding.
+        assert scores == pytest.approx([scores[0]] * 3, abs=1e-12), f"p - r = {difference}: {scores}"
     assert abs(score(10, 7) - score(10, 5)) > 1e-2, "scores at different distances should differ"
 
 

@@ -519,3 +519,22 @@ def test_the_validation_loss_is_the_mean_over_every_target_token(tmp_path, model
     with torch.no_grad():
         expected = trainer.model(*trainer._collate(data, [data[i] for i in range(len(data))]))[1].item()
     assert trainer.evaluate() == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_encoder_decoder_generates_as_many_tokens_as_its_decoder_holds(tmp_path):
+    """`generate_text` for seq2seq: a source longer than max_length (context_length) is refused in the trainer's words,
+    and the continuation may take all max_length positions of the decoder (the last new token is never fed back)."""
+    trainer = Trainer(_config(tmp_path, model="seq2seq", model_options=dict(d_model=32, n_head=2, n_encoder_layers=1,
+                                                                          n_decoder_layers=1, ffn_dim=64)))
+    with pytest.raises(ValueError, match="the prompt has 33 tokens; the model's source holds 32"):
+        trainer.generate_text("x" * 33, 5)
+    generate, lengths = trainer.model.generate, []
+
+    def recording(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        lengths.append(out.shape[1])
+        return out
+
+    trainer.model.generate = recording
+    trainer.generate_text("x" * 32, 100, do_sample=False, eos_token_id=None)
+    assert lengths == [1 + 32]  # the start token and 32 new ones
