@@ -12,7 +12,8 @@ dropout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,12 +36,14 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, do_sample: bool = Fa
       can beat the worst of them at the current length. The best hypothesis is returned.
 
     A sequence stops at any of `eos_token_id` (kept in the output); shorter sequences are padded with
-    `pad_token_id` (default: the first end token). Generation stops early when every sequence has stopped.
+    `pad_token_id` (default: the first end token); token ids are ints >= 0: Python's, NumPy's or 0-d tensors.
+    Generation stops early when every sequence has stopped.
     `model_inputs` go to the model's init_decoding (the source of an encoder-decoder, say).
     """
-    _check_options(prompt, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty)
+    _check_options(prompt, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty,
+                   pad_token_id)
     eos = _as_token_list(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    pad = _token_id(pad_token_id) if pad_token_id is not None else (eos[0] if eos else None)
     if num_beams > 1:
         return _beam_search(model, prompt, max_new_tokens, num_beams, length_penalty, early_stopping, eos, pad,
                             use_cache, model_inputs)
@@ -68,7 +71,10 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, do_sample: bool = Fa
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> Tensor:
     """One token per row of `logits` (batch, vocab), drawn from the filtered, temperature-scaled softmax."""
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.float()
+    # Less the row's maximum (softmax stays the same): a tiny temperature then sends the other logits to -inf
+    # (probability 0, the limit) instead of the largest to +inf, whose softmax is NaN.
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
@@ -138,8 +144,9 @@ def _beam_search(model, prompt: Tensor, max_new_tokens: int, num_beams: int, len
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         vocab = log_probs.shape[-1]
         scores = (beam_scores.view(-1, 1) + log_probs).view(batch, num_beams * vocab)
-        # Twice the beams: even if half of them end here, enough continue.
-        top_scores, top_ids = scores.topk(min(2 * num_beams, scores.shape[1]), dim=1)
+        # Each beam has at most len(eos) end-token candidates, so the best (1 + len(eos)) * num_beams candidates
+        # hold num_beams that continue, however many of them end here (Hugging Face takes as many).
+        top_scores, top_ids = scores.topk(min((1 + len(eos_set)) * num_beams, scores.shape[1]), dim=1)
         next_scores = torch.full((batch, num_beams), float("-inf"), device=device)
         next_tokens = torch.full((batch, num_beams), pad if pad is not None else 0, dtype=prompt.dtype,
                                  device=device)
@@ -213,29 +220,45 @@ class _FinishedHypotheses:
         return self.items[0][1]
 
 
+def _token_id(value) -> int | None:
+    """`value` as a token id: an int >= 0 (Python's, NumPy's or a 0-d tensor's, not a bool); None if it is none."""
+    if isinstance(value, Tensor) and value.dim() == 0:
+        value = value.item()
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _as_token_list(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not all(isinstance(i, int) and i >= 0 for i in ids):
+    # A 0-d tensor claims to be iterable but refuses it.
+    listed = isinstance(eos_token_id, Iterable) and not (isinstance(eos_token_id, Tensor) and eos_token_id.dim() == 0)
+    ids = [_token_id(i) for i in (eos_token_id if listed else [eos_token_id])]
+    if None in ids:
         raise ValueError(f"lmrt.generation.generate: `eos_token_id` must be a token id or a list of them, got "
                          f"{eos_token_id!r}")
     return ids
 
 
-def _check_options(prompt, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty) -> None:
+def _check_options(prompt, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty,
+                   pad_token_id) -> None:
     if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1 or prompt.is_floating_point():
         shape = list(prompt.shape) if isinstance(prompt, Tensor) else type(prompt).__name__
         raise ValueError(f"lmrt.generation.generate: `prompt` must be a tensor of token ids of shape (batch, "
                          f"length >= 1), got {shape}")
     checks = [
         (isinstance(max_new_tokens, int) and max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "an int >= 1"),
-        (temperature > 0, "temperature", temperature, "> 0 (greedy decoding is do_sample=False)"),
-        (top_k is None or top_k >= 1, "top_k", top_k, ">= 1 or None"),
-        (top_p is None or 0.0 < top_p <= 1.0, "top_p", top_p, "in (0, 1] or None"),
+        (isinstance(temperature, numbers.Real) and temperature > 0, "temperature", temperature,
+         "a number > 0 (greedy decoding is do_sample=False)"),
+        (top_k is None or isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1,
+         "top_k", top_k, "an int >= 1 or None"),
+        (top_p is None or isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0, "top_p", top_p,
+         "a number in (0, 1] or None"),
         (isinstance(num_beams, int) and num_beams >= 1, "num_beams", num_beams, "an int >= 1"),
         (not (do_sample and num_beams > 1), "num_beams", num_beams, "1 when do_sample=True (no beam sampling)"),
-        (length_penalty == length_penalty, "length_penalty", length_penalty, "a number"),
+        (isinstance(length_penalty, numbers.Real) and length_penalty == length_penalty, "length_penalty",
+         length_penalty, "a number"),
+        (pad_token_id is None or _token_id(pad_token_id) is not None, "pad_token_id", pad_token_id,
+         "a token id (an int >= 0) or None"),
     ]
     for ok, name, value, expected in checks:
         if not ok:

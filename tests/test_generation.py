@@ -1,5 +1,6 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +136,28 @@ def test_beam_search_with_enough_beams_is_exhaustive(length_penalty):
     assert (out[0, 2 + len(expected):] == 0).all()
 
 
+class _FixedLogProbs:
+    """A model whose next-token log-probabilities depend only on the last token: after 5 it is sure to end (0),
+    after 4 it is unsure, otherwise end tokens 0, 1, 2, 3 take four of the six best candidates of two beams."""
+
+    def init_decoding(self, batch_size, max_length):
+        return None
+
+    def decode(self, tokens, state):
+        table = torch.full((6, 6), 1 / 6)
+        table[5] = torch.tensor([0.99, 0.0025, 0.0025, 0.0025, 0.0025, 1e-9])
+        table[[0, 1, 2, 3]] = torch.tensor([0.25, 0.15, 0.14, 0.135, 0.20, 0.125])
+        return table.log()[tokens]
+
+
+def test_beam_search_keeps_num_beams_running_whatever_the_number_of_end_tokens():
+    """Of the top 2 * num_beams candidates of the first step four end the sequence: only token 4 kept running and
+    the better [5, 0] ((log .125 + log .99) / 2 > log .25) was lost. Hugging Face returns [5, 0]."""
+    out = generate(_FixedLogProbs(), torch.tensor([[4, 3]]), 4, num_beams=2, eos_token_id=[0, 1, 2, 3],
+                   pad_token_id=0, use_cache=False)
+    assert out.tolist() == [[4, 3, 5, 0]]
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     first = _generate("gpt", 8, do_sample=True, generator=torch.Generator(DEVICE).manual_seed(5))
     again = _generate("gpt", 8, do_sample=True, generator=torch.Generator(DEVICE).manual_seed(5))
@@ -152,6 +175,22 @@ def test_sampling_follows_the_filtered_distribution():
     torch.testing.assert_close(frequencies[:3], expected.double(), atol=0.015, rtol=0)
 
 
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    """logits / 1e-45 overflowed to inf and the softmax to NaN, which torch.multinomial refused."""
+    logits = torch.tensor([[2.0, 30.0, -1.0], [5.0, 4.0, float("-inf")]])
+    assert sample(logits, temperature=1e-45).tolist() == [1, 0]
+    assert torch.equal(_generate("gpt", 6, do_sample=True, temperature=1e-45), _generate("gpt", 6))
+
+
+@pytest.mark.parametrize("token_id", [np.int64(1), torch.tensor(1), [torch.tensor(1)], torch.tensor([1])],
+                         ids=["numpy", "0-d tensor", "list of 0-d tensors", "1-d tensor"])
+def test_token_ids_of_numpy_and_torch(token_id):
+    expected = _generate("gpt", 8, eos_token_id=1, pad_token_id=7)
+    assert (expected[:, 5:] == 7).any()  # some sequences stop and are padded
+    assert torch.equal(_generate("gpt", 8, eos_token_id=token_id, pad_token_id=np.int32(7)), expected)
+    assert torch.equal(_generate("gpt", 8, eos_token_id=1, pad_token_id=torch.tensor(7)), expected)
+
+
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     probs = torch.tensor([[0.5, 0.25, 0.15, 0.1]])
     kept = filter_logits(probs.log(), top_p=0.7).isfinite()
@@ -163,11 +202,23 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
 
 @pytest.mark.parametrize("options,message", [
     (dict(max_new_tokens=0), "`max_new_tokens` must be an int >= 1, got 0"),
-    (dict(temperature=0.0), r"`temperature` must be > 0 \(greedy decoding is do_sample=False\), got 0.0"),
-    (dict(top_p=1.5), r"`top_p` must be in \(0, 1\] or None, got 1.5"),
-    (dict(top_k=0), "`top_k` must be >= 1 or None, got 0"),
+    (dict(temperature=0.0), r"`temperature` must be a number > 0 \(greedy decoding is do_sample=False\), got 0.0"),
+    (dict(top_p=1.5), r"`top_p` must be a number in \(0, 1\] or None, got 1.5"),
+    (dict(top_k=0), "`top_k` must be an int >= 1 or None, got 0"),
     (dict(num_beams=2, do_sample=True), "`num_beams` must be 1 when do_sample=True"),
     (dict(eos_token_id="</s>"), "`eos_token_id` must be a token id or a list of them, got '</s>'"),
+    (dict(eos_token_id=[2, -1]), r"`eos_token_id` must be a token id or a list of them, got \[2, -1\]"),
+    # these passed the checks, then failed in torch or in the model with messages naming no argument (True: taken as 1)
+    (dict(temperature="0.7"), "`temperature` must be a number > 0 .*, got '0.7'"),
+    (dict(top_p="0.9"), r"`top_p` must be a number in \(0, 1\] or None, got '0.9'"),
+    (dict(top_k=2.5), "`top_k` must be an int >= 1 or None, got 2.5"),
+    (dict(top_k=True), "`top_k` must be an int >= 1 or None, got True"),
+    (dict(length_penalty="1"), "`length_penalty` must be a number, got '1'"),
+    (dict(eos_token_id=2.0), "`eos_token_id` must be a token id or a list of them, got 2.0"),
+    (dict(eos_token_id=True), "`eos_token_id` must be a token id or a list of them, got True"),
+    (dict(eos_token_id=torch.tensor(2.0)), r"`eos_token_id` must be a token id .*, got tensor\(2.\)"),
+    (dict(pad_token_id=-1), r"`pad_token_id` must be a token id \(an int >= 0\) or None, got -1"),
+    (dict(pad_token_id=1.0), r"`pad_token_id` must be a token id \(an int >= 0\) or None, got 1.0"),
 ])
 def test_bad_options(options, message):
     prompt, _ = _inputs("gpt")

@@ -135,7 +135,15 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, data: dict) -> BPETokenizer:
-        return cls(_import_tokenizers().Tokenizer.from_str(json.dumps(data["tokenizer"])))
+        """The tokenizer `to_dict` described; ValueError if data["tokenizer"] is not a tokenizers library's one."""
+        tokenizers = _import_tokenizers()
+        text = json.dumps(data.get("tokenizer"))
+        try:
+            hf_tokenizer = tokenizers.Tokenizer.from_str(text)
+        except Exception as error:  # what the library raises for JSON that does not describe a tokenizer
+            raise ValueError(f"not a tokenizer saved by lmrt: its 'tokenizer' entry must be a tokenizer of the "
+                             f"`tokenizers` library ({error})") from None
+        return cls(hf_tokenizer)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmrt._settings import require_at_least, require_one_of, require_types
+from lmrt._settings import require_at_least, require_dropout, require_one_of, require_types
 from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
 from lmrt.nn.attention import check_heads
 from lmrt.nn.feed_forward import ACTIVATIONS
@@ -51,6 +51,7 @@ class Seq2SeqConfig:
         require_types(self)
         require_at_least(self, 1, ("src_vocab_size", "tgt_vocab_size", "max_length", "n_encoder_layers",
                                    "n_decoder_layers", "ffn_dim"))
+        require_dropout(self)
         check_heads("lmrt.models.Seq2SeqConfig", self.d_model, self.n_head, self.n_head,
                     names=("d_model", "n_head", "n_head"))
         require_one_of(self, dict(norm=NORMS, activation=ACTIVATIONS))
@@ -70,7 +71,9 @@ class Seq2SeqState:
     def __init__(self, memory: Tensor, memory_padding_mask: Tensor | None, n_layers: int, max_length: int):
         self.memory, self.memory_padding_mask = memory, memory_padding_mask
         self.self_attention = KVCache(n_layers, max_length)
-        self.cross_attention = KVCache(n_layers, memory.shape[1])
+        # An empty source (allowed, as in forward: cross-attention over no keys gives zeros) caches nothing, but a
+        # cache needs room for one position.
+        self.cross_attention = KVCache(n_layers, max(1, memory.shape[1]))
 
     def reorder(self, batch_indices: Tensor) -> None:
         self.memory = self.memory.index_select(0, batch_indices)

@@ -62,6 +62,17 @@ def test_bad_tokenizer_files(tmp_path):
         load_tokenizer(tmp_path / "other.json")
 
 
+@pytest.mark.parametrize("data", [{"kind": "bpe"}, {"kind": "bpe", "tokenizer": {}}],
+                         ids=["no tokenizer entry", "empty tokenizer entry"])
+def test_corrupt_bpe_tokenizer_files(data, tmp_path):
+    """They raised a KeyError and the tokenizers library's bare Exception, which the CLI shows as tracebacks."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "corrupt.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="corrupt.json: not a tokenizer saved by lmrt: its 'tokenizer' entry must "
+                                         "be a tokenizer of the `tokenizers` library"):
+        load_tokenizer(tmp_path / "corrupt.json")
+
+
 def test_bpe_vocabulary_too_small():
     pytest.importorskip("tokenizers")
     with pytest.raises(ValueError, match="`vocab_size` must be at least 259"):

@@ -70,10 +70,26 @@ def test_explicit_padding_mask_is_checked():
     (dict(share_embeddings=True), "`share_embeddings` needs one vocabulary"),
     (dict(eos_id=13), r"`eos_id` \(13\) must be a target token id in \[0, 13\)"),
     (dict(activation="tanh"), "`activation` must be one of gelu, relu, swiglu, got 'tanh'"),
+    (dict(dropout=1.0), r"Seq2SeqConfig: `dropout` must be in \[0, 1\), got 1.0"),
+    (dict(dropout=-0.1), r"Seq2SeqConfig: `dropout` must be in \[0, 1\), got -0.1"),
 ])
 def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         Seq2SeqConfig(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_from_an_empty_source(use_cache):
+    """forward accepts an empty source (cross-attention over no keys gives zeros); generate stopped in the KV
+    cache, which needs a capacity >= 1. Greedy tokens are the argmax of forward on the tokens before them."""
+    model = Seq2SeqTransformer(Seq2SeqConfig(**TINY), device=DEVICE).eval()
+    src = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
+    greedy = model.generate(src, 5, eos_token_id=None, use_cache=use_cache)
+    assert greedy.shape == (2, 6) and (greedy[:, 0] == BOS).all()
+    assert torch.equal(model(src, greedy[:, :-1])[0].argmax(dim=-1), greedy[:, 1:])
+    beams = model.generate(src, 5, num_beams=3, use_cache=use_cache)
+    assert beams.shape[0] == 2 and torch.equal(beams, model.generate(src, 5, num_beams=3, use_cache=not use_cache))
+    assert torch.equal(model.generate(src, 1, num_beams=3, eos_token_id=None), greedy[:, :2])
 
 
 def test_sequence_longer_than_the_position_table():
