@@ -395,28 +395,35 @@ def plot(results: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) ->
     return [path]
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parse(argv: Sequence[str] | None, device: torch.device) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: gpt-quick, no torch-compile")
     parser.add_argument("--models", nargs="+", choices=("gpt-tiny", "gpt2-small"), help="default: the device's")
     parser.add_argument("--no-compile", action="store_true", help="no torch-compile provider")
     common.add_output_arguments(parser, "bench_model.json, .csv and .png")
-    return common.parse_arguments(parser, argv)
+    args = common.parse_arguments(parser, argv)
+    if args.models and args.quick:
+        parser.error("--models with --quick: the smoke run has its own model, gpt-quick")
+    runnable = {spec.name for spec in model_specs(False, device)}
+    for name in args.models or ():
+        if name not in runnable:
+            parser.error(f"--models {name}: runs on CUDA only, and this device is {device.type}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None, ceilings: common.Ceilings | None = None,
          deadline: float | None = None) -> list[dict[str, Any]]:
     """Run the benchmark the command line asks for, with the ceilings given (else measured first); print the
     tables, write --out or --save; return the result rows."""
-    args = _parse(argv)
     device = common.default_device()
+    args = _parse(argv, device)
     with common.cpu_settings(device, args.quick):
         timer = common.timer_for(device, args.quick, cuda_rep_ms=MODEL_REP_MS)
         if ceilings is None:
             ceilings = common.measure_ceilings(device, timer, args.quick)
         specs = model_specs(args.quick, device)
-        if args.models and not args.quick:
+        if args.models:
             specs = [spec for spec in specs if spec.name in args.models]
         skip = "--no-compile" if args.no_compile else "not in --quick: compiling takes longer" if args.quick else None
         found, skipped = providers(skip)

@@ -518,7 +518,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, written: str) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, metavar="DIR", help=f"write {written} into DIR")
     where.add_argument("--save", action="store_true",
-                       help=f"write them into {RESULTS.relative_to(RESULTS.parents[1])}/<device>/ (cpu, h100, ...)")
+                       help=f"write them into {RESULTS.relative_to(RESULTS.parents[1])}/<device>/ (cpu-xeon, cpu-epyc, "
+                       "h100, ...)")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
 
 

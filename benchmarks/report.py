@@ -169,11 +169,13 @@ def _run_line(meta: dict[str, Any]) -> str:
 
 
 def headline(folder: str, reports: dict[str, dict[str, Any]]) -> list[str]:
-    """The README's lines for one device: per op and mode, the geometric mean over the cases at the grid's largest
-    size of lmrt's speed-up over the fastest PyTorch provider; per model, the training step's."""
+    """The README's lines for one device, whose reports are in `folder` (as shown): per op and mode, the geometric
+    mean over the cases at the grid's largest size of lmrt's speed-up over the fastest PyTorch provider; per model,
+    the training step's. Each line cites its file, marked when it holds a --quick run (not for comparison)."""
     lines = []
     for stem, report in reports.items():
         pytorch = report["meta"]["pytorch_providers"]
+        source = f"`{folder}/{stem}.json`" + (", a --quick run" if report["meta"].get("quick") else "")
         if stem in OPS:
             bench = OPS[stem]
             by_mode: dict[str, list[float]] = {}
@@ -184,7 +186,7 @@ def headline(folder: str, reports: dict[str, dict[str, Any]]) -> list[str]:
             figures = ", ".join(f"{mode} {_geomean(gains):.2f}x" for mode, gains in by_mode.items())
             lines.append(f"- {TITLES[stem]}, lmrt's speed-up over the fastest PyTorch provider at the largest size: " +
                          (figures or "no timed lmrt provider") +
-                         f" (`benchmarks/results/{folder}/{stem}.json`)")
+                         f" ({source})")
         elif "task" in (report["results"] or [{}])[0]:
             for model in dict.fromkeys(row["model"] for row in report["results"] if row["task"] == "train"):
                 group = [r for r in report["results"] if r["task"] == "train" and r["model"] == model]
@@ -192,13 +194,12 @@ def headline(folder: str, reports: dict[str, dict[str, Any]]) -> list[str]:
                            key=lambda r: r["tokens_per_second"], default=None)
                 gain = speedup(group, pytorch)
                 if lmrt is None or gain is None:
-                    lines.append(f"- {model} training step: no timed lmrt provider (`benchmarks/results/{folder}/"
-                                 f"{stem}.json`)")
+                    lines.append(f"- {model} training step: no timed lmrt provider ({source})")
                 else:
                     mfu = f", MFU {lmrt['mfu']:.1%}" if lmrt.get("mfu") else ""
                     lines.append(f"- {model} training step: {lmrt['tokens_per_second']:,.0f} tokens/s{mfu}, "
                                  f"{gain:.2f}x the fastest PyTorch provider ({', '.join(pytorch)}) "
-                                 f"(`benchmarks/results/{folder}/{stem}.json`)")
+                                 f"({source})")
     return lines
 
 
@@ -235,7 +236,7 @@ def render(results_dir: Path, out: Path) -> tuple[str, list[str]]:
             continue
         device = next(iter(reports.values()))["meta"]["device"] if reports else folder.name
         text += [f"## {device} (`{folder.name}/`)", ""]
-        lines = headline(folder.name, reports)
+        lines = headline(_shown(folder), reports)
         if lines:
             headlines += [f"{device}:", *lines]
             text += ["Headline:", "", *lines, ""]
@@ -267,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=common.RESULTS, help="default: %(default)s")
     parser.add_argument("--out", type=Path, default=DOCS, help="default: %(default)s")
     args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        parser.error(f"--results {args.results} is not a folder")
     text, headlines = render(args.results, args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -21,6 +21,13 @@ ROUNDS = 20
 MODES = ("fwd", "fwd+bwd")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def quick_cpu_settings():
+    """`--quick`'s settings (one CPU thread): without them, two threads on busy cores made a 30 us softmax 8 ms."""
+    with common.cpu_settings(DEVICE, quick=True):
+        yield
+
+
 def _params():
     for module in (bench_attention, bench_layer_norm, bench_rms_norm, bench_softmax):
         bench = module.BENCHMARK

@@ -61,3 +61,14 @@ def test_quick_run_checks_every_model_provider(quick_suite):
     assert all(row["same_as_recompute"] == row["new_tokens"] for row in generate.values() if row["status"] == "ok")
     wrong = wrong_rows(rows)
     assert not wrong, [(row["provider"], row["error"]) for row in wrong]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--quick", "--models", "gpt-tiny"], "--models with --quick: the smoke run has its own model, gpt-quick"),
+    (["--models", "gpt2-small"], "--models gpt2-small: runs on CUDA only, and this device is cpu"),
+])
+def test_models_that_would_not_run_are_usage_errors(argv, message, capsys):
+    """Both ran nothing without a word (empty tables, no rows in the report)."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_model._parse(argv, torch.device("cpu"))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -60,7 +60,9 @@ def test_report_renders_the_quick_run(quick_suite, tmp_path):
         assert f"### {title}" in text
     assert "![bench_softmax](../results/cpu/bench_softmax.png)" in text
     assert "| mode | dtype | N | " in text and "lmrt speed-up" in text
-    assert any(line.startswith("- Softmax, lmrt's speed-up") for line in headlines), headlines
+    softmax = next(line for line in headlines if line.startswith("- Softmax, lmrt's speed-up"))
+    # The file it was read from, marked as a smoke run's (not the committed benchmarks/results/ one).
+    assert softmax.endswith(f"(`{results / 'cpu' / 'bench_softmax.json'}`, a --quick run)"), softmax
 
 
 def test_unknown_benchmark_is_a_user_error():
