@@ -4,15 +4,16 @@
     print(report)                 # which modules were replaced, from which class to which
     lmrt.unpatch(model)           # the original module objects back
 
-A replacement shares the original's Parameter objects (an optimizer built before patching still trains them) and
-its training mode; state_dict keys do not change. Only modules of exactly the listed classes are replaced: a subclass
-may have a forward of its own, and lmrt's modules are left as they are, so patching twice replaces nothing the second
-time. The model itself cannot be replaced in place, so a model that is itself such a module raises.
+A replacement of a torch.nn module is that module's instance state under the lmrt class: it shares the original's
+attributes, Parameter objects (an optimizer built before patching still trains them) and hooks (their handles still
+remove them), and unpatch gives the original whatever the replacement holds by then; state_dict keys do not change.
+Only modules of exactly the listed classes are replaced: a subclass may have a forward of its own, and lmrt's modules
+are left as they are, so patching twice replaces nothing the second time. The model itself cannot be replaced in
+place, so a model that is itself such a module raises.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -21,7 +22,7 @@ from lmrt import nn as lmrt_nn
 from lmrt import ops
 
 # torch.nn classes and their lmrt subclasses, which have the same constructor, attributes and parameters: a
-# replacement is a copy of the original's instance state (configuration, parameters, hooks) under the lmrt class.
+# replacement holds the original's instance state (configuration, parameters, hooks) under the lmrt class.
 TORCH_REPLACEMENTS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
     torch.nn.LayerNorm: lmrt_nn.LayerNorm,
     torch.nn.RMSNorm: lmrt_nn.RMSNorm,
@@ -135,8 +136,9 @@ def patch(model: torch.nn.Module) -> PatchReport:
     the input's dtype lmrt's multiplies in float32 and rounds once, so for float16/bfloat16 the results differ by
     about an ulp (lmrt's being the more accurate).
 
-    A module whose forward was replaced on the instance (by a hook library, say), a Hugging Face norm with hooks or
-    an unexpected structure, and a Softmax with dim=None are left as they are and listed in the report's `skipped`.
+    A module whose forward was replaced on the instance (by a hook library, say) or that Module.compile() compiled, a
+    Hugging Face norm with hooks or an unexpected structure, and a Softmax with dim=None are left as they are and
+    listed in the report's `skipped`.
     A module shared under several names is replaced by one module, listed under each name.
     """
     _check_model("patch", model)
@@ -164,7 +166,8 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     """Put back the original module objects that lmrt.patch replaced in `model`.
 
     The originals get the replacements' current Parameter objects (should they have been swapped since, by
-    `model.to_empty()`, say) and training mode.
+    `model.to_empty()`, say) and training mode; those of torch.nn classes get all their instance state (attributes
+    set and hooks registered while patched).
     """
     _check_model("unpatch", model)
     replaced = []
@@ -172,9 +175,10 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
         original = vars(module).get("_lmrt_original")
         if not name or original is None:
             continue
-        for param_name in original._parameters:
-            original._parameters[param_name] = module._parameters[param_name]
-        original.training = module.training
+        if _is_hf_rms_norm(original):
+            original.weight, original.training = module.weight, module.training
+        else:
+            original.__dict__.update({key: value for key, value in vars(module).items() if key != "_lmrt_original"})
         _set_submodule(model, name, original)
         replaced.append(Replacement(name, type(module), type(original)))
     return PatchReport("unpatch", tuple(replaced))
@@ -197,6 +201,8 @@ def _candidate(module: torch.nn.Module) -> bool:
 def _reason_to_skip(module: torch.nn.Module) -> str | None:
     if "forward" in vars(module):
         return "its forward is replaced on the instance; swapping the module would bypass that"
+    if vars(module).get("_compiled_call_impl") is not None:
+        return "Module.compile() compiled it; the compiled call would go on running the original"
     if isinstance(module, torch.nn.Softmax) and module.dim is None:
         return "dim=None (the deprecated implicit dim) is not supported by lmrt.nn.Softmax"
     if _is_hf_rms_norm(module):
@@ -216,9 +222,8 @@ def _replacement(module: torch.nn.Module) -> torch.nn.Module:
         new.training = module.training
     else:
         new = object.__new__(TORCH_REPLACEMENTS[type(module)])
-        # Copy the containers (parameter and hook dicts, ...) so that changes to one module do not reach the other.
-        new.__dict__.update({key: copy.copy(value) if isinstance(value, (dict, set, list)) else value
-                             for key, value in vars(module).items()})
+        # The same containers (parameter and hook dicts, ...): a hook's RemovableHandle holds its dict.
+        new.__dict__.update(vars(module))
     # In __dict__ rather than as an attribute: nn.Module.__setattr__ would register it as a submodule.
     vars(new)["_lmrt_original"] = module
     return new

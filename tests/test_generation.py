@@ -82,7 +82,8 @@ def test_one_beam_is_greedy(name, eos):
     prompt, inputs = _inputs(name)
     if prompt is None:
         prompt = torch.full((3, 1), model.config.bos_id, device=DEVICE)
-    beams = _beam_search(model, prompt, 8, 1, 1.0, False, [] if eos is None else [eos], 0, True, inputs)
+    with torch.no_grad():  # as generate runs it
+        beams = _beam_search(model, prompt, 8, 1, 1.0, False, [] if eos is None else [eos], 0, True, inputs)
     greedy = generate(model, prompt, 8, eos_token_id=eos, pad_token_id=0, **inputs)
     assert torch.equal(beams, greedy)
 

@@ -193,6 +193,33 @@ def test_hooks_carried_over():
     assert seen == [lmrt.nn.LayerNorm]
 
 
+def test_hook_handles_and_changes_while_patched_hold_on_both_sides():
+    """Hooks are the module's, not copies: a handle taken before patching removes its hook from the replacement, and
+    what is registered or set while patched stays after unpatch."""
+    model = Net()
+    seen = []
+    handle = model.blocks[0].norm.register_forward_hook(lambda module, args, output: seen.append("before"))
+    lmrt.patch(model)
+    handle.remove()
+    model.blocks[0].norm.register_forward_hook(lambda module, args, output: seen.append("while"))
+    model.blocks[0].norm.eps = 0.5
+    model(torch.randn(1, 3, D))
+    assert seen == ["while"]
+    lmrt.unpatch(model)
+    model(torch.randn(1, 3, D))
+    assert seen == ["while", "while"] and model.blocks[0].norm.eps == 0.5
+
+
+def test_a_module_compiled_by_module_compile_is_left_alone():
+    """Its compiled call runs the original's forward on the original's parameters whatever class holds it: a
+    replacement would be reported and never run."""
+    model = Net()
+    model.blocks[0].norm.compile(backend="eager")
+    report = lmrt.patch(model)
+    assert [(s.name, s.module_class) for s in report.skipped] == [("blocks.0.norm", torch.nn.LayerNorm)]
+    assert "Module.compile()" in report.skipped[0].reason and type(model.blocks[0].norm) is torch.nn.LayerNorm
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"lmrt.patch: `model` is itself a torch.nn.LayerNorm; only submodules"):
         lmrt.patch(torch.nn.LayerNorm(4))

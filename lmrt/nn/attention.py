@@ -83,23 +83,26 @@ class MultiheadAttention(nn.Module):
         reuses it afterwards (`memory` may then be None).
         """
         batch, length, _ = query.shape
+        cached = cache is not None and cache.length > 0
+        if self.cross_attention and memory is None and not cached:
+            raise ValueError("lmrt.nn.MultiheadAttention: cross-attention needs `memory`")
+        if not self.cross_attention and memory is not None:
+            raise ValueError("lmrt.nn.MultiheadAttention: `memory` is for cross-attention; this module does "
+                             "self-attention (cross_attention=False)")
         offset = 0 if cache is None or self.cross_attention else cache.length
+        keys = (cache.length if cached else memory.shape[1]) if self.cross_attention else offset + length
+        _check_padding_mask(key_padding_mask, batch, keys)  # before the cache grows: a refused call leaves it alone
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         if self.cross_attention:
             q = self.q_proj(query).view(batch, length, heads, head_dim)
-            if cache is not None and cache.length > 0:
+            if cached:
                 k, v = cache.cached()
             else:
-                if memory is None:
-                    raise ValueError("lmrt.nn.MultiheadAttention: cross-attention needs `memory`")
                 kv = self.kv_proj(memory).view(batch, memory.shape[1], 2 * kv_heads, head_dim)
                 k, v = kv.transpose(1, 2).split(kv_heads, dim=1)
                 if cache is not None:
                     k, v = cache.append(k, v)
         else:
-            if memory is not None:
-                raise ValueError("lmrt.nn.MultiheadAttention: `memory` is for cross-attention; this module does "
-                                 "self-attention (cross_attention=False)")
             qkv = self.qkv_proj(query).view(batch, length, heads + 2 * kv_heads, head_dim)
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
             if self.rotary is not None:
@@ -110,23 +113,17 @@ class MultiheadAttention(nn.Module):
         if self.rotary is not None:
             q = self.rotary(q, offset)
         q = q.transpose(1, 2)
-        mask, is_causal = self._mask(key_padding_mask, is_causal, batch, length, k.shape[2], offset, query.device)
+        mask, is_causal = self._mask(key_padding_mask, is_causal, length, k.shape[2], offset, query.device)
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=kv_heads != heads)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
 
-    def _mask(self, key_padding_mask: Tensor | None, is_causal: bool, batch: int, length: int, keys: int,
-              offset: int, device: torch.device) -> tuple[Tensor | None, bool]:
+    def _mask(self, key_padding_mask: Tensor | None, is_causal: bool, length: int, keys: int, offset: int,
+              device: torch.device) -> tuple[Tensor | None, bool]:
         """The op's (mask, is_causal) for this call: the op's causal alignment is top-left, which is the right one
         only when the queries start at position 0; later queries (a cached prefix) get an explicit mask."""
-        mask = None
-        if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, keys):
-                raise ValueError(f"lmrt.nn.MultiheadAttention: `key_padding_mask` must be a bool tensor of shape "
-                                 f"({batch}, {keys}), got {key_padding_mask.dtype} of shape "
-                                 f"{list(key_padding_mask.shape)}")
-            mask = ~key_padding_mask[:, None, None, :]
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         if not is_causal or offset == 0 or length == 1:  # one new query sees every cached key
             return mask, is_causal and offset == 0
         positions = torch.arange(offset, offset + length, device=device)
@@ -137,3 +134,10 @@ class MultiheadAttention(nn.Module):
         kind = "cross" if self.cross_attention else "self"
         return (f"{kind}-attention, embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, dropout={self.dropout}")
+
+
+def _check_padding_mask(key_padding_mask: Tensor | None, batch: int, keys: int) -> None:
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or
+                                         key_padding_mask.shape != (batch, keys)):
+        raise ValueError(f"lmrt.nn.MultiheadAttention: `key_padding_mask` must be a bool tensor of shape ({batch}, "
+                         f"{keys}), got {key_padding_mask.dtype} of shape {list(key_padding_mask.shape)}")

@@ -4,10 +4,13 @@ A `LayerKVCache` holds one attention layer's keys and values, (batch, kv_heads, 
 allocated on first use in the keys' dtype and device. `append` writes the new tokens' keys and values after the
 cached ones and returns views of everything cached so far: views into the buffers, which the attention op reads
 in place (it takes any strides), so no step copies the prefix. `reorder` follows beam search's choice of beams.
+The cache is for inference: a call with gradients may fill it, but appending then would overwrite in place what that
+call saved for its backward, so it is refused.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -35,6 +38,10 @@ class LayerKVCache:
         elif keys.shape[:2] != self._keys.shape[:2]:
             raise ValueError(f"lmrt.nn.LayerKVCache: new keys of shape {list(keys.shape)} do not match the cached "
                              f"(batch, heads) {list(self._keys.shape[:2])}")
+        elif torch.is_grad_enabled() and (self._keys.requires_grad or self._values.requires_grad):
+            raise RuntimeError("lmrt.nn.LayerKVCache: the cached keys and values are part of an autograd graph, "
+                               "whose backward appending would break (it writes into them in place); decode under "
+                               "torch.no_grad(), as lmrt.generation does")
         self._keys[:, :, self.length: self.length + new] = keys
         self._values[:, :, self.length: self.length + new] = values
         self.length += new

@@ -103,6 +103,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)  # (max_length, head_dim / 2)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) (model.bfloat16(), say) rounds floating buffers: tables of bfloat16 would err by 2e-3, so
+        # they are computed again, in float32, on their new device.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            angles = _rotary_angles(_positions(0, self.max_length, self.cos.device), self.head_dim, self.base)
+            self.cos, self.sin = angles.cos().float(), angles.sin().float()
+        return self
+
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"lmrt.nn.RotaryEmbedding: the last dim of `x` must be head_dim={self.head_dim}, "
@@ -113,9 +122,8 @@ class RotaryEmbedding(nn.Module):
             angles = _rotary_angles(_positions(offset, offset + length, x.device), self.head_dim, self.base)
             cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
         else:
-            # Broadcast over the heads; float32 even where Module.to(dtype) rounded the tables to another dtype.
-            cos = self.cos[offset: offset + length, None, :].float()
-            sin = self.sin[offset: offset + length, None, :].float()
+            cos = self.cos[offset: offset + length, None, :]  # broadcast over the heads
+            sin = self.sin[offset: offset + length, None, :]
         first, second = x.to(cos.dtype).chunk(2, dim=-1)
         rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
         return rotated.to(x.dtype)

@@ -144,9 +144,38 @@ def test_capacity_overflow():
     assert cache.length == 3, "a refused append should leave the cache as it was"
     module = lmrt.nn.MultiheadAttention(EMBED, 3, device=DEVICE)
     cache = LayerKVCache(4)
-    module(torch.randn(BATCH, 3, EMBED, device=DEVICE), is_causal=True, cache=cache)
-    with pytest.raises(ValueError, match="3 cached \\+ 2 new positions exceed the capacity of 4"):
-        module(torch.randn(BATCH, 2, EMBED, device=DEVICE), is_causal=True, cache=cache)
+    with torch.no_grad():
+        module(torch.randn(BATCH, 3, EMBED, device=DEVICE), is_causal=True, cache=cache)
+        with pytest.raises(ValueError, match="3 cached \\+ 2 new positions exceed the capacity of 4"):
+            module(torch.randn(BATCH, 2, EMBED, device=DEVICE), is_causal=True, cache=cache)
+
+
+def test_a_refused_key_padding_mask_leaves_the_cache_alone():
+    """The mask is checked against the cached and new keys before the new ones are appended: a call refused for its
+    mask used to cache its tokens all the same, shifting every later position."""
+    module = lmrt.nn.MultiheadAttention(EMBED, 3, device=DEVICE)
+    cache = LayerKVCache(8)
+    x = torch.randn(BATCH, 5, EMBED, device=DEVICE)
+    with torch.no_grad():
+        module(x[:, :3], is_causal=True, cache=cache)
+        with pytest.raises(ValueError, match=r"`key_padding_mask` must be a bool tensor of shape \(3, 5\), got "
+                                             r"torch.bool of shape \[3, 3\]"):
+            module(x[:, 3:], is_causal=True, cache=cache, key_padding_mask=torch.zeros(BATCH, 3, dtype=torch.bool))
+        assert cache.length == 3
+        steps = module(x[:, 3:], is_causal=True, cache=cache, key_padding_mask=torch.zeros(BATCH, 5, dtype=torch.bool))
+        torch.testing.assert_close(steps, module(x, is_causal=True)[:, 3:])
+
+
+def test_appending_to_a_cache_in_an_autograd_graph_is_refused():
+    """A call with gradients may fill the cache (its backward works); the next append would overwrite what that call
+    saved for backward, and the backward would fail with torch's in-place error."""
+    module = lmrt.nn.MultiheadAttention(EMBED, 3, device=DEVICE)
+    cache = LayerKVCache(8)
+    x = torch.randn(BATCH, 5, EMBED, device=DEVICE)
+    module(x[:, :3], is_causal=True, cache=cache).sum().backward()
+    with pytest.raises(RuntimeError, match="LayerKVCache: the cached keys and values are part of an autograd graph"):
+        module(x[:, 3:], is_causal=True, cache=cache)
+    assert cache.length == 3
 
 
 def test_positions_continue_after_cached_ones():

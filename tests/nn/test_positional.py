@@ -89,6 +89,18 @@ def test_rotary_keeps_dtype():
     torch.testing.assert_close(out, rotate_complex(x.double(), 2).bfloat16(), rtol=2**-8, atol=1e-5)
 
 
+def test_rotary_tables_stay_float32_when_the_model_changes_dtype():
+    """model.bfloat16() rounded the cos and sin buffers to bfloat16 (2e-3 off); they are computed again in float32,
+    so a converted module rotates as a new one does."""
+    module = torch.nn.Sequential(lmrt.nn.RotaryEmbedding(8, max_length=12, device=DEVICE)).bfloat16()
+    fresh = lmrt.nn.RotaryEmbedding(8, max_length=12, device=DEVICE)
+    assert module[0].cos.dtype == module[0].sin.dtype == torch.float32
+    torch.testing.assert_close(module[0].cos, fresh.cos, rtol=0, atol=0)
+    torch.testing.assert_close(module[0].sin, fresh.sin, rtol=0, atol=0)
+    x = torch.randn(2, 5, 3, 8, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(module(x), fresh(x), rtol=0, atol=0)
+
+
 def test_rotary_scores_depend_on_relative_position_only():
     module = lmrt.nn.RotaryEmbedding(8, max_length=40, device=DEVICE)
     q, k = torch.randn(2, 1, 1, 1, 8, device=DEVICE, dtype=torch.float64)
