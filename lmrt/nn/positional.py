@@ -18,25 +18,22 @@ def _check_positions(module: str, offset: int, length: int, max_length: int) -> 
                          f"max_length={max_length}; the context may be at most {max_length} tokens")
 
 
-def _sinusoids(positions: Tensor, embed_dim: int, base: float) -> Tensor:
-    """The float64 encodings (len(positions), embed_dim) of float64 `positions`."""
-    inv_freq = torch.exp(torch.arange(0, embed_dim, 2, dtype=torch.float64, device=positions.device)
-                         * (-math.log(base) / embed_dim))
-    angles = positions[:, None] * inv_freq
-    table = positions.new_zeros(len(positions), embed_dim)
+def _sinusoids(start: int, end: int, embed_dim: int, base: float, device) -> Tensor:
+    """The float64 encodings (end - start, embed_dim) of positions start to end - 1."""
+    positions = torch.arange(start, end, dtype=torch.float64, device=device)[:, None]
+    angles = positions * torch.exp(torch.arange(0, embed_dim, 2, dtype=torch.float64, device=device)
+                                   * (-math.log(base) / embed_dim))
+    table = positions.new_zeros(end - start, embed_dim)
     table[:, 0::2] = torch.sin(angles)
     table[:, 1::2] = torch.cos(angles[:, : embed_dim // 2])
     return table
 
 
-def _rotary_angles(positions: Tensor, head_dim: int, base: float) -> Tensor:
-    """The float64 angles (len(positions), head_dim / 2) of float64 `positions`."""
-    return positions[:, None] * base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64,
-                                                       device=positions.device) / head_dim)
-
-
-def _positions(start: int, end: int, device) -> Tensor:
-    return torch.arange(start, end, dtype=torch.float64, device=device)
+def _rotary_cos_sin(start: int, end: int, head_dim: int, base: float, device) -> tuple[Tensor, Tensor]:
+    """The float64 cos and sin (end - start, head_dim / 2) of the rotary angles of positions start to end - 1."""
+    positions = torch.arange(start, end, dtype=torch.float64, device=device)[:, None]
+    angles = positions * base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    return angles.cos(), angles.sin()
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -53,14 +50,13 @@ class SinusoidalPositionalEncoding(nn.Module):
             raise ValueError(f"lmrt.nn.SinusoidalPositionalEncoding: `embed_dim` ({embed_dim}) and `max_length` "
                              f"({max_length}) must be >= 1")
         self.embed_dim, self.max_length, self.base = embed_dim, max_length, base
-        self.register_buffer("table", _sinusoids(_positions(0, max_length, device), embed_dim, base).float(),
-                             persistent=False)
+        self.register_buffer("table", _sinusoids(0, max_length, embed_dim, base, device).float(), persistent=False)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         end = offset + x.shape[-2]
         _check_positions("SinusoidalPositionalEncoding", offset, x.shape[-2], self.max_length)
         if x.dtype == torch.float64:  # the float32 table would cap a float64 run's precision near 1e-7
-            return x + _sinusoids(_positions(offset, end, x.device), self.embed_dim, self.base)
+            return x + _sinusoids(offset, end, self.embed_dim, self.base, x.device)
         return x + self.table[offset: end].to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -99,17 +95,17 @@ class RotaryEmbedding(nn.Module):
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"lmrt.nn.RotaryEmbedding: `head_dim` must be even and >= 2, got {head_dim}")
         self.head_dim, self.max_length, self.base = head_dim, max_length, base
-        angles = _rotary_angles(_positions(0, max_length, device), head_dim, base)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (max_length, head_dim / 2)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        cos, sin = _rotary_cos_sin(0, max_length, head_dim, base, device)
+        self.register_buffer("cos", cos.float(), persistent=False)  # (max_length, head_dim / 2)
+        self.register_buffer("sin", sin.float(), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) (model.bfloat16(), say) rounds floating buffers: tables of bfloat16 would err by 2e-3, so
         # they are computed again, in float32, on their new device.
         super()._apply(fn, recurse)
         if self.cos.dtype != torch.float32:
-            angles = _rotary_angles(_positions(0, self.max_length, self.cos.device), self.head_dim, self.base)
-            self.cos, self.sin = angles.cos().float(), angles.sin().float()
+            cos, sin = _rotary_cos_sin(0, self.max_length, self.head_dim, self.base, self.cos.device)
+            self.cos, self.sin = cos.float(), sin.float()
         return self
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
@@ -119,11 +115,10 @@ class RotaryEmbedding(nn.Module):
         length = x.shape[-3]
         _check_positions("RotaryEmbedding", offset, length, self.max_length)
         if x.dtype == torch.float64:  # the float32 tables would cap a float64 run's precision near 1e-7
-            angles = _rotary_angles(_positions(offset, offset + length, x.device), self.head_dim, self.base)
-            cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+            cos, sin = _rotary_cos_sin(offset, offset + length, self.head_dim, self.base, x.device)
         else:
-            cos = self.cos[offset: offset + length, None, :]  # broadcast over the heads
-            sin = self.sin[offset: offset + length, None, :]
+            cos, sin = self.cos[offset: offset + length], self.sin[offset: offset + length]
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over the heads
         first, second = x.to(cos.dtype).chunk(2, dim=-1)
         rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
         return rotated.to(x.dtype)
