@@ -214,6 +214,8 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     (dict(top_p="0.9"), r"`top_p` must be a number in \(0, 1\] or None, got '0.9'"),
     (dict(top_k=2.5), "`top_k` must be an int >= 1 or None, got 2.5"),
     (dict(top_k=True), "`top_k` must be an int >= 1 or None, got True"),
+    (dict(max_new_tokens=True), "`max_new_tokens` must be an int >= 1, got True"),
+    (dict(num_beams=True), "`num_beams` must be an int >= 1, got True"),
     (dict(length_penalty="1"), "`length_penalty` must be a number, got '1'"),
     (dict(eos_token_id=2.0), "`eos_token_id` must be a token id or a list of them, got 2.0"),
     (dict(eos_token_id=True), "`eos_token_id` must be a token id or a list of them, got True"),
