@@ -5,9 +5,10 @@ Backends (ARCHITECTURE.md): `triton` (kernels/ on CUDA tensors, or on CPU tensor
 
 A user picks one with `lmrt.backend(name)` or the environment variable LMRT_BACKEND; the context manager wins.
 The choice is process-wide, like `torch.nn.attention.sdpa_kernel`, so that it also holds in autograd's
-backward threads. Without a choice, each op takes the first backend of its device's preference order that is
-available and can serve the call; when a preferred backend cannot serve it (float64, say) the op falls back
-with a one-time warning. An explicit choice that cannot serve a call raises instead.
+backward threads; with blocks open in several threads, the one opened last holds. Without a choice, each op takes
+the first backend of its device's preference order that is available and can serve the call; when a preferred
+backend cannot serve it (float64, say) the op falls back with a one-time warning. An explicit choice that cannot
+serve a call raises instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 import importlib.machinery
 import importlib.util
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -28,9 +30,13 @@ BACKENDS = ("triton", "cuda", "cpp", "torch")
 # Preference order of the default choice, per device type. Later issues reorder these from benchmark figures.
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
-# The backend named by the innermost `lmrt.backend(name)` block, or None outside any (read by the eager calls of
-# lmrt._C, which take it as an argument; everything else asks chosen_backend()).
+# The backend named by the latest-opened `lmrt.backend(name)` block still open, or None outside any (read by the
+# eager calls of lmrt._C, which take it as an argument; everything else asks chosen_backend()).
 context_choice: str | None = None
+# The open blocks, in the order they were opened: (a token of the block, its backend). Blocks in several threads, or
+# in generators, may close out of order; each removes its own entry, so none restores a choice that has ended.
+_open_blocks: list[tuple[object, str]] = []
+_open_blocks_lock = threading.Lock()
 _warned: set[tuple[str, str, str]] = set()
 
 
@@ -52,11 +58,16 @@ def backend(name: str) -> Iterator[None]:
     """
     global context_choice
     _check_name(name, "lmrt.backend(name)")
-    previous, context_choice = context_choice, name
+    token = object()
+    with _open_blocks_lock:
+        _open_blocks.append((token, name))
+        context_choice = name
     try:
         yield
     finally:
-        context_choice = previous
+        with _open_blocks_lock:
+            _open_blocks[:] = [block for block in _open_blocks if block[0] is not token]
+            context_choice = _open_blocks[-1][1] if _open_blocks else None
 
 
 def chosen_backend() -> str | None:
@@ -142,7 +153,7 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
         if not _triton_installed():
             return "triton is not installed"
         if device_type == "cuda":
-            return None
+            return None if torch.cuda.is_available() else f"CUDA is not available to torch {torch.__version__}"
         if device_type == "cpu":
             return None if triton_interpreter_enabled() else "triton runs CPU tensors only with TRITON_INTERPRET=1"
         return f"triton does not run {device_type} tensors"

@@ -3,6 +3,7 @@ import shutil
 import site
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from lmrt import backends
 from tests.conftest import DEVICE
 
 FAKE_CUDA = torch.device("cuda")  # backends.select only reads the device type, so no GPU is needed
+
+
+@pytest.fixture
+def cuda_available(monkeypatch):
+    """Triton counts as available for CUDA tensors only where torch has a GPU: pretend it has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
 
 def test_available_backends():
@@ -48,7 +55,44 @@ def test_context_manager_restores_previous_choice():
     assert backends.chosen_backend() is None
 
 
-def test_default_order():
+def test_blocks_closed_out_of_order_leave_no_choice_behind():
+    # Blocks in two threads (or generators) may close in the other order than they opened; each used to restore the
+    # choice it found on entry, so the second to close put back the first's ended choice for good.
+    outer, inner = lmrt.backend("torch"), lmrt.backend("cpp")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert backends.chosen_backend() == "cpp"  # the block still open
+    inner.__exit__(None, None, None)
+    assert backends.chosen_backend() is None
+
+
+def test_blocks_in_threads_leave_no_choice_behind():
+    opened, closed = threading.Barrier(2), threading.Barrier(2)
+
+    def block(name, first_to_close):
+        with lmrt.backend(name):
+            opened.wait()
+            if not first_to_close:
+                closed.wait()
+        if first_to_close:
+            closed.wait()
+
+    threads = [threading.Thread(target=block, args=args) for args in (("torch", True), ("cpp", False))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert backends.chosen_backend() is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
+def test_triton_is_not_available_for_cuda_tensors_without_cuda():
+    assert "triton" not in lmrt.available_backends("cuda")
+    assert backends.unavailable_reason("triton", "cuda") == f"CUDA is not available to torch {torch.__version__}"
+
+
+def test_default_order(cuda_available):
     def serves_all(name):
         return None
 
@@ -56,7 +100,7 @@ def test_default_order():
     assert backends.select("op", torch.device("cpu"), ("triton", "torch"), serves_all) == "torch"
 
 
-def test_default_falls_back_with_one_warning():
+def test_default_falls_back_with_one_warning(cuda_available):
     def no_triton(name):
         return "it lacks this" if name == "triton" else None
 
