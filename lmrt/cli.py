@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = _command(commands, "eval", _eval, "validation loss and perplexity of a trained run")
     evaluate.add_argument("--run", required=True, help="the run's folder")
     evaluate.add_argument("--batches", type=int, help="validation batches (default: all)")
+    evaluate.add_argument("--data", help="the run's data where it is now (default: where it was trained from; the "
+                                         "embedded corpus for a run trained on it)")
 
     generate = _command(commands, "generate", _generate, "continue a prompt with a trained run's model")
     generate.add_argument("--run", required=True, help="the run's folder")
@@ -165,14 +167,15 @@ def _tokenize(args) -> int:
     return 0
 
 
-def _trainer_of_run(run: str, load_data: bool) -> Trainer:
+def _trainer_of_run(run: str, load_data: bool, changes: dict | None = None) -> Trainer:
     if CheckpointManager(Path(run) / "checkpoints").latest() is None:
         raise FileNotFoundError(f"no checkpoint in {Path(run) / 'checkpoints'}; train first: lmrt train --out {run}")
-    return Trainer.continue_run(run, load_data=load_data)
+    return Trainer.continue_run(run, changes, load_data=load_data)
 
 
 def _eval(args) -> int:
-    trainer = _trainer_of_run(args.run, load_data=True)  # the validation split of the run's data
+    # The validation split of the run's data (checked against the fingerprint its checkpoints hold).
+    trainer = _trainer_of_run(args.run, load_data=True, changes={"data": args.data} if args.data else None)
     loss = trainer.evaluate(args.batches)  # None: every validation batch
     print(f"step {trainer.step}: validation loss {loss:.4f}, perplexity {_perplexity(loss):.2f}")
     return 0

@@ -125,11 +125,13 @@ def test_resume_takes_every_setting_given(tmp_path, capsys):
                              (["--set", "batch_size=64"], "batch_size=8, the config now says 64"),
                              (["--model", "lstm"], "model='gpt', the config now says 'lstm'"),
                              (["--config", str(tmp_path / "lstm.yaml")], "model='gpt', the config now says 'lstm'"),
-                             (["--preset", "tiny"], "preset=None, the config now says 'tiny'"),
-                             (["--data", str(tmp_path / "other.txt")], "data=None, the config now says '")]:
+                             (["--preset", "tiny"], "preset=None, the config now says 'tiny'")]:
         assert main(["train", "--out", str(run), "--resume", *refused]) == 2
         err = capsys.readouterr().err
         assert f"lmrt train: error: cannot resume from {run}" in err and message in err and err.count("\n") == 1
+    # `data` may name another path, of the same data: its fingerprint decides.
+    assert main(["train", "--out", str(run), "--resume", "--data", str(tmp_path / "other.txt")]) == 2
+    assert "was trained on other data than `data` " in capsys.readouterr().err
     assert _saved_config(run)["max_steps"] == 4
     # max_minutes=none lifts the saved limit, eval_interval=200 is TrainConfig's default; the saved learning rate
     # and model are no change.
@@ -158,21 +160,37 @@ def test_a_copied_run_resumes_in_its_own_folder(tmp_path, capsys):
     assert sorted(p.name for p in (copy / "checkpoints").glob("step-*")) == ["step-00000006.pt"]
 
 
-def test_generate_needs_no_data_and_eval_says_which(tmp_path, monkeypatch, capsys):
-    """A run trained on a relative `data` path: generate works from anywhere, eval (which needs the validation
-    split) says what it looked for."""
+def test_a_run_on_a_relative_data_path_is_evaluated_and_resumed_from_anywhere(tmp_path, monkeypatch, capsys):
+    """A run trained on a relative `data` path records where the data is: eval and resume work from another folder
+    (they looked for the relative path there). Data that moved is named by eval, and --data gives its new place
+    (the checkpoint's fingerprint, not the path, says whether it is the run's data); generate needs no data."""
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / "text.txt").write_text(default_corpus()[:20_000])
     monkeypatch.chdir(tmp_path / "started")
     assert main(["train", "--data", "text.txt", "--out", "run", "--quiet", "--set", *TINY, "max_steps=4"]) == 0
+    assert _saved_config(tmp_path / "started" / "run")["data"] == str(tmp_path / "started" / "text.txt")
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "--run", "started/run"]) == 0
+    assert capsys.readouterr().out.startswith("step 4: validation loss ")
+    assert main(["train", "--out", "started/run", "--resume", "--quiet", "--set", "max_steps=5"]) == 0
+
+    (tmp_path / "started" / "text.txt").rename(tmp_path / "moved.txt")
     capsys.readouterr()
     assert main(["generate", "--run", "started/run", "--prompt", "The", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("The")
     assert main(["eval", "--run", "started/run"]) == 2
-    assert capsys.readouterr().err == ("lmrt eval: error: training text text.txt does not exist (the data of the run "
-                                       "in started/run, its setting data='text.txt'; a relative path is read from "
-                                       "the current directory)\n")
+    assert capsys.readouterr().err == (f"lmrt eval: error: training text {tmp_path / 'started' / 'text.txt'} does not "
+                                       "exist (the data of the run in started/run; if it moved, give its new place: "
+                                       "--data, or the `data` setting)\n")
+    assert main(["eval", "--run", "started/run", "--data", "moved.txt"]) == 0
+    assert capsys.readouterr().out.startswith("step 5: validation loss ")
+    assert main(["train", "--out", "started/run", "--resume", "--data", "moved.txt", "--quiet",
+                 "--set", "max_steps=6"]) == 0
+    assert _saved_config(tmp_path / "started" / "run")["data"] == str(tmp_path / "moved.txt")
+    (tmp_path / "other.txt").write_text(default_corpus()[20_000:40_000])
+    assert main(["eval", "--run", "started/run", "--data", "other.txt"]) == 2
+    assert "was trained on other data than `data` " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["--preset", "config", "set"])

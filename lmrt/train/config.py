@@ -94,6 +94,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: `grad_clip` must be > 0 or None, got {self.grad_clip}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"TrainConfig: `max_minutes` must be > 0 or None, got {self.max_minutes}")
+        if not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"TrainConfig: `seed` must be in [-2**63, 2**64) (torch.manual_seed's range), got "
+                             f"{self.seed}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

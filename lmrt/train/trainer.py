@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import signal
 import threading
 import time
@@ -103,7 +104,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, on_event: Event | None = None, resume: bool = False):
         if resume:
             checkpoint, checkpoint_path = _latest_checkpoint(config.out_dir)
-            _check_resumable(config, checkpoint["state"]["config"], checkpoint_path)
+            _check_resumable(config, checkpoint["state"], checkpoint_path)
         else:
             _refuse_existing_run(config.out_dir)
             checkpoint, checkpoint_path = None, None
@@ -121,7 +122,7 @@ class Trainer:
         checkpoint, path = _latest_checkpoint(out_dir)
         saved = checkpoint["state"]["config"]
         config = TrainConfig.from_dict({**settings_over(saved, changes or {}), "out_dir": str(out_dir)})
-        _check_resumable(config, saved, path)
+        _check_resumable(config, checkpoint["state"], path)
         trainer = cls.__new__(cls)
         trainer._set_up(config, on_event, checkpoint, path, load_data)
         return trainer
@@ -129,6 +130,9 @@ class Trainer:
     def _set_up(self, config: TrainConfig, on_event: Event | None, checkpoint: dict | None,
                 checkpoint_path: Path | None, load_data: bool) -> None:
         self.on_event = on_event or (lambda name, data: None)
+        if config.data is not None:
+            # The run's record says where its data is, from whatever folder it is resumed or evaluated.
+            config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
         self.rank, self.world_size = _init_distributed(config.device)
         self.out_dir = Path(config.out_dir)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.keep_last)
@@ -148,8 +152,7 @@ class Trainer:
             self.tokenizer, tokens = self._corpus_tokens(saved_tokenizer)
             self.data_fingerprint = _data_fingerprint(tokens)
             if checkpoint:
-                _check_same_data(config, checkpoint["state"]["data"].get("fingerprint"), self.data_fingerprint,
-                                 checkpoint_path)
+                _check_same_data(config, checkpoint["state"]["data"], self.data_fingerprint, checkpoint_path)
             if self.tokenizer.kind != config.tokenizer:
                 # A .bin file's ids are its own tokenizer's, whatever the setting said: the saved config tells the
                 # truth.
@@ -182,11 +185,9 @@ class Trainer:
         except FileNotFoundError as error:
             if saved_tokenizer is None:
                 raise
-            # A run loaded from its checkpoint (whose tokenizer it brings): a relative `data` is read from the current
-            # directory, which need not be the one it was trained in.
-            raise FileNotFoundError(f"{error} (the data of the run in {self.out_dir}, its setting data="
-                                    f"{self.config.data!r}; a relative path is read from the current directory)"
-                                    ) from None
+            # A run loaded from its checkpoint (whose tokenizer it brings) whose data has moved.
+            raise FileNotFoundError(f"{error} (the data of the run in {self.out_dir}; if it moved, give its new place: "
+                                    f"--data, or the `data` setting)") from None
 
     def _dataset(self, tokens, split: str):
         try:
@@ -487,7 +488,7 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                      "rng": capture_rng_state(), "step": self.step,
                      "data": {"epoch": self.epoch, "position": self.position, "processes": self.world_size,
-                              "fingerprint": self.data_fingerprint},
+                              "fingerprint": self.data_fingerprint, "python": platform.python_version()},
                      "progress": {"tokens": self.tokens_seen, "seconds": self.train_seconds},
                      "config": self.config.to_dict(), "model_config": dataclasses.asdict(self.model.config),
                      "tokenizer": self.tokenizer.to_json()}
@@ -546,11 +547,19 @@ def _latest_checkpoint(out_dir: str | Path) -> tuple[dict, Path]:
     return load_checkpoint(path), path
 
 
-def _check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
-    """`config` differs from the `saved` one only in what a resumed run may change. Not out_dir: the checkpoint was
-    found in config.out_dir, and a copied or moved run lives in its new folder."""
-    changed = sorted(name for name, value in config.to_dict().items()
-                     if name not in RESUMABLE_CHANGES | {"out_dir"} and saved.get(name) != value)
+def _check_resumable(config: TrainConfig, state: dict, path: Path) -> None:
+    """`config` differs from the config saved in a checkpoint's `state` only in what a resumed run may change. Not
+    out_dir: the checkpoint was found in config.out_dir, and a copied or moved run lives in its new folder. Nor
+    `data`, where the checkpoint holds the data's fingerprint (which _check_same_data compares): the same data at
+    another path (moved, or named relative to another folder). Nor `tokenizer` for a .bin file of token ids, whose
+    tokenizer is the one that wrote it."""
+    saved = state["config"]
+    free = RESUMABLE_CHANGES | {"out_dir"}
+    if state["data"].get("fingerprint") is not None:
+        free = free | {"data"}
+    if config.data is not None and _is_token_file(config.data):
+        free = free | {"tokenizer"}
+    changed = sorted(name for name, value in config.to_dict().items() if name not in free and saved.get(name) != value)
     if changed:
         name = changed[0]
         raise CheckpointError(f"cannot resume from {path}: it was trained with {name}={saved.get(name)!r}, the "
@@ -573,16 +582,22 @@ def _data_fingerprint(tokens) -> dict:
     return {"tokens": count, "hash": digest.hexdigest()}
 
 
-def _check_same_data(config: TrainConfig, saved: dict | None, current: dict, path: Path) -> None:
+def _check_same_data(config: TrainConfig, saved_data: dict, current: dict, path: Path) -> None:
     """The data is the one the checkpoint's run trained on, by fingerprint (a checkpoint of an lmrt that saved none
     is taken on trust)."""
+    saved = saved_data.get("fingerprint")
     if saved is None or saved == current:
         return
     data = "the embedded corpus" if config.data is None else f"`data` {config.data}"
     size = (f"{current['tokens']} tokens now, {saved['tokens']} then" if current["tokens"] != saved["tokens"] else
             f"{current['tokens']} tokens, as then, but others")
-    raise CheckpointError(f"cannot resume from {path}: {data} is not the data its run trained on ({size}); restore "
-                          f"that data, or train a new run into another out_dir (--out)")
+    advice = "give the run's data (`data`, --data), or train a new run into another out_dir (--out)"
+    saved_python, python = saved_data.get("python"), platform.python_version()
+    if config.data is None and saved_python not in (None, python):
+        advice = (f"the embedded corpus is the pydoc topics of the Python that runs lmrt, Python {saved_python}'s "
+                  f"for that run and {python}'s here: run lmrt under Python {saved_python}, or train a new run into "
+                  "another out_dir (--out)")
+    raise CheckpointError(f"{path} was trained on other data than {data} ({size}); {advice}")
 
 
 def _tensorboard_writer(out_dir: Path):
@@ -626,9 +641,13 @@ def corpus_tokens(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tu
     return tokenizer, _tokens(config, text, tokenizer)
 
 
+def _is_token_file(path: str) -> bool:
+    return path.endswith(".bin")
+
+
 def _read_text(config: TrainConfig) -> str | None:
     """The training text, or None when `data` is a .bin file of token ids."""
-    if config.data is not None and config.data.endswith(".bin"):
+    if config.data is not None and _is_token_file(config.data):
         return None
     return default_corpus() if config.data is None else read_text(config.data)
 

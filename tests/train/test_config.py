@@ -46,6 +46,8 @@ def test_round_trip_through_a_dict():
     ("grad_clip=nan", "`grad_clip` must be a finite number, got nan"),
     ("max_minutes=inf", "`max_minutes` must be a finite number, got inf"),
     ("model=seq2seq context_length=3", "`context_length` must be >= 4 for model seq2seq .*, got 3"),
+    ("seed=18446744073709551616", r"`seed` must be in \[-2\*\*63, 2\*\*64\) \(torch.manual_seed's range\), got "
+                                  "18446744073709551616"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(ValueError, match=message):

@@ -1,9 +1,9 @@
-import importlib.util
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import time
 
 import pytest
@@ -147,12 +147,15 @@ def test_two_processes_reach_the_loss_of_one(tmp_path):
 
 
 def test_tensorboard(tmp_path):
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(ImportError, match="tensorboard=true needs the tensorboard package"):
-            Trainer(_config(tmp_path, tensorboard=True))
-        return
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra")
     Trainer(_config(tmp_path, tensorboard=True, max_steps=2)).run()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import raises ImportError
+    with pytest.raises(ImportError, match=r"needs the tensorboard package \(pip install tensorboard\)"):
+        Trainer(_config(tmp_path, tensorboard=True))
 
 
 def test_compiled_training_matches_eager(tmp_path):
@@ -240,8 +243,8 @@ def test_generation_needs_only_the_checkpoint(tmp_path):
     for call, purpose in ((trainer.run, "training"), (trainer.evaluate, "evaluation")):
         with pytest.raises(RuntimeError, match=f"{purpose} needs the run's data, and this trainer was loaded without"):
             call()
-    with pytest.raises(FileNotFoundError, match=r"text.txt does not exist \(the data of the run in .*run, its setting "
-                                                r"data='.*text.txt'; a relative path is read from the current"):
+    with pytest.raises(FileNotFoundError, match=r"text.txt does not exist \(the data of the run in .*run; if it "
+                                                r"moved, give its new place: --data, or the `data` setting\)"):
         Trainer.continue_run(tmp_path / "run")
 
 
@@ -427,11 +430,12 @@ def test_resume_refuses_other_data_at_the_same_path(tmp_path):
     data.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     Trainer(_quick(tmp_path, data=str(data), max_steps=2, eval_interval=2, checkpoint_interval=2)).run()
     data.write_text("THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG. " * 40)  # as many tokens, others
-    with pytest.raises(CheckpointError, match=r"cannot resume from .*step-00000002.pt: `data` .*text.txt is not the "
-                                              r"data its run trained on \(1800 tokens, as then, but others\)"):
+    with pytest.raises(CheckpointError, match=r".*step-00000002.pt was trained on other data than `data` .*text.txt "
+                                              r"\(1800 tokens, as then, but others\)"):
         Trainer.continue_run(tmp_path / "run", {"max_steps": 3})
     data.write_text("the quick brown fox. " * 40)
-    with pytest.raises(CheckpointError, match=r"\(840 tokens now, 1800 then\); restore that data, or train a new run"):
+    with pytest.raises(CheckpointError, match=r"\(840 tokens now, 1800 then\); give the run's data \(`data`, "
+                                              r"--data\), or train a new run"):
         Trainer(_quick(tmp_path, data=str(data), max_steps=3, eval_interval=2, checkpoint_interval=2), resume=True)
     data.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     assert Trainer.continue_run(tmp_path / "run", {"max_steps": 3}).run().step == 3
@@ -441,6 +445,43 @@ def test_resume_refuses_other_data_at_the_same_path(tmp_path):
     CheckpointManager(tmp_path / "run" / "checkpoints").save(3, checkpoint["state"], checkpoint["validation_loss"])
     data.write_text("THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG. " * 40)
     assert Trainer.continue_run(tmp_path / "run", {"max_steps": 4}).run().step == 4
+
+
+def test_a_run_on_the_embedded_corpus_of_another_python_says_so(tmp_path, monkeypatch):
+    """The embedded corpus is the running Python's pydoc topics, which change between Python releases: a checkpoint
+    of another Python's corpus is refused naming both versions, since no data can be restored."""
+    import platform
+
+    from lmrt.train import CheckpointManager, trainer
+    from lmrt.train.checkpoint import load_checkpoint
+
+    Trainer(_quick(tmp_path, max_steps=1, eval_interval=1, checkpoint_interval=1)).run()
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000001.pt")
+    assert checkpoint["state"]["data"]["python"] == platform.python_version()
+    checkpoint["state"]["data"]["python"] = "3.10.0"
+    CheckpointManager(tmp_path / "run" / "checkpoints").save(1, checkpoint["state"], checkpoint["validation_loss"])
+    corpus = trainer.default_corpus()
+    monkeypatch.setattr(trainer, "default_corpus", lambda: corpus.replace("Python", "PYTHON"))
+    with pytest.raises(CheckpointError, match=rf"step-00000001.pt was trained on other data than the embedded corpus "
+                                              rf".*Python 3.10.0's for that run and {platform.python_version()}'s "
+                                              rf"here: run lmrt under Python 3.10.0"):
+        Trainer.continue_run(tmp_path / "run", {"max_steps": 2})
+
+
+def test_a_run_on_a_token_file_resumes_with_the_config_that_started_it(tmp_path):
+    """A .bin file's tokenizer is the one that wrote it, whatever `tokenizer` says; the saved config records the
+    file's. Resuming with the config that started the run was refused as a change of tokenizer."""
+    from lmrt.data import ByteTokenizer, default_corpus, write_token_file
+    from lmrt.data.token_file import tokenizer_path
+
+    tokenizer, token_file = ByteTokenizer(), tmp_path / "corpus.bin"
+    write_token_file(token_file, tokenizer.encode(default_corpus()[:20_000]), tokenizer.vocab_size)
+    tokenizer.save(tokenizer_path(token_file))
+    config = _quick(tmp_path, data=str(token_file), tokenizer="bpe", max_steps=2, eval_interval=2,
+                    checkpoint_interval=2)
+    Trainer(config).run()
+    resumed = Trainer(config.with_overrides(["max_steps=3"]), resume=True)
+    assert resumed.config.tokenizer == "byte" and resumed.run().step == 3
 
 
 def _ddp_worker_rank_0_late(rank, port, config_dict):
