@@ -34,7 +34,7 @@ import torch.distributed as dist
 import lmrt
 from lmrt import backends
 from lmrt.data import write_token_file
-from lmrt.data.token_file import tokenizer_path
+from lmrt.data.token_file import is_token_file, tokenizer_path
 from lmrt.train.checkpoint import CheckpointError, CheckpointManager
 from lmrt.train.config import MODELS, TOKENIZERS, TrainConfig, parse_overrides, read_settings
 from lmrt.train.presets import PRESETS, with_preset
@@ -155,7 +155,7 @@ def _tokenize(args) -> int:
     if not out.name.endswith(".bin"):
         raise ValueError(f"--out {out} must end in .bin: lmrt train --data reads a .bin file as token ids")
     # What lmrt train does with the same settings, so that training on the .bin is training on the text.
-    if args.data is not None and args.data.endswith(".bin"):
+    if args.data is not None and is_token_file(args.data):
         raise ValueError(f"{args.data} is already a token file; --data takes a text file or a folder of text files")
     tokenizer, tokens = corpus_tokens(TrainConfig(data=args.data, tokenizer=args.tokenizer,
                                                   bpe_vocab_size=args.bpe_vocab_size))

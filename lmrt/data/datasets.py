@@ -7,6 +7,8 @@ arrays (lmrt.data.read_token_file): a window is read from the map when it is ask
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,12 +43,16 @@ class LanguageModelWindows(Dataset):
         if len(tokens) < context_length + 1:
             raise ValueError(f"the token stream has {len(tokens)} tokens; a window of context_length="
                              f"{context_length} needs at least {context_length + 1}")
-        self.tokens, self.context_length, self.seed = tokens, context_length, seed
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise ValueError(f"`seed` must be an integer, got {seed!r}")
+        self.tokens, self.context_length, self.seed = tokens, context_length, int(seed)
         self.offset = 0
 
     def set_epoch(self, epoch: int) -> None:
         slack = len(self.tokens) - 1 - len(self) * self.context_length  # tokens the windows leave over
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # manual_seed takes [-2**63, 2**64) and seeds with the value modulo 2**64: reducing first keeps every stream
+        # that fitted (resumed runs draw the same offsets) and lets any integer seed through.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + operator.index(epoch)) % 2**64)
         self.offset = int(torch.randint(0, min(self.context_length - 1, slack) + 1, (1,), generator=generator))
 
     def __len__(self) -> int:
@@ -72,8 +78,12 @@ class Seq2SeqPairs(Dataset):
     def from_tsv(cls, path, tokenizer, max_length: int) -> Seq2SeqPairs:
         """One pair per line of a UTF-8 file, `source<TAB>target`; sides longer than `max_length` tokens (the
         target counts its end token) are cut."""
+        if not isinstance(max_length, numbers.Integral) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"`max_length` must be an integer >= 1 (tokens per side), got {max_length!r}")
         pairs = []
-        for number, line in enumerate(read_text(path).splitlines(), start=1):
+        # Lines end at "\n" only (read_text has turned \r\n and \r into it): str.splitlines would also break a
+        # field at a form feed, \x1c-\x1e, \x85 or \u2028 and refuse the pieces.
+        for number, line in enumerate(read_text(path).split("\n"), start=1):
             if not line.strip():
                 continue
             if line.count("\t") != 1:

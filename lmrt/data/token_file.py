@@ -7,30 +7,68 @@ vocabulary fits in 65536 ids, else 4).
 
 from __future__ import annotations
 
+import numbers
 import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 
 MAGIC = b"LMRTTOK1"
 HEADER = struct.Struct("<8sII")
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_MAX_VOCAB = (1 << 32) - 1  # the largest vocabulary size the header's uint32 holds
 _CHECK_CHUNK = 1 << 24  # tokens per chunk when scanning a file for ids outside the vocabulary
 
 
 def write_token_file(path: str | Path, ids, vocab_size: int) -> None:
-    """Write token `ids` (ints in [0, vocab_size)) to `path`, through a temporary file renamed into place."""
+    """Write token `ids` (ints in [0, vocab_size): Python ints, a NumPy integer array or an integer tensor) to
+    `path`, through a temporary file renamed into place."""
+    integer = isinstance(vocab_size, numbers.Integral) and not isinstance(vocab_size, bool)
+    if not integer or not 1 <= vocab_size <= _MAX_VOCAB:
+        raise ValueError(f"`vocab_size` must be an integer in [1, {_MAX_VOCAB}] (the header stores it as a uint32), "
+                         f"got {vocab_size!r}")
+    vocab_size = int(vocab_size)
     width = 2 if vocab_size <= 1 << 16 else 4
-    array = np.asarray(ids, dtype=np.int64)
-    if array.size and (array.min() < 0 or array.max() >= vocab_size):
-        raise ValueError(f"token ids range from {array.min()} to {array.max()}, outside the vocabulary "
-                         f"[0, {vocab_size})")
+    array = _integer_ids(ids)
+    if array.size:
+        low, high = int(array.min()), int(array.max())  # Python ints: the true values, whatever the dtype
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"`ids`: token ids range from {low} to {high}, outside the vocabulary [0, {vocab_size})")
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as file:
         file.write(HEADER.pack(MAGIC, width, vocab_size))
         file.write(array.astype(_DTYPES[width]).tobytes())
     temporary.replace(path)
+
+
+def _integer_ids(ids) -> np.ndarray:
+    """`ids` as an integer array without converting its values: a float id is refused, not truncated, and ids too
+    large for int64 (numpy.uint64, big Python ints) keep their value for the range check."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu()
+    array = np.asarray(ids)
+    if array.dtype == object and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in array.flat):
+        return array  # what numpy makes of Python ints beyond int64: the range check reports their true value
+    if array.size and not np.issubdtype(array.dtype, np.integer):  # an empty list comes out as float64
+        raise ValueError(f"`ids` must be integer token ids (Python ints, a NumPy integer array or an integer tensor), "
+                         f"got {array.dtype} ids (the first is {array.ravel()[:1].tolist()[0]!r})")
+    return array
+
+
+def is_token_file(path: str | Path) -> bool:
+    """Whether `path` is meant as a file of token ids: a .bin name, any case (read_token_file then checks its
+    header), or a file that starts with the magic, whatever its name (as UTF-8 text, a byte-level corpus's ids
+    decode without an error)."""
+    path = Path(path)
+    if path.suffix.lower() == ".bin":
+        return True
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(MAGIC)) == MAGIC
+    except OSError:  # missing, a folder, unreadable: not a token file (reading it as text says what is wrong)
+        return False
 
 
 def tokenizer_path(path: str | Path) -> Path:

@@ -14,12 +14,35 @@ IGNORE_INDEX = -100
 
 
 def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of `logits` (..., vocab) against `targets` (...), in float32, skipping IGNORE_INDEX."""
+    """Mean cross-entropy of `logits` (..., vocab) against `targets` (...), in float32, skipping IGNORE_INDEX;
+    `targets` as check_targets passes them."""
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"`targets` must have shape {list(logits.shape[:-1])} (one per position), got "
                          f"{list(targets.shape)}")
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long(),
                            ignore_index=IGNORE_INDEX)
+
+
+def check_targets(model: str, targets: Tensor, inputs: Tensor, vocab_size: int) -> None:
+    """A loss's targets: token ids as the model's `inputs` take them (int64 or int32), on their device, in [0,
+    vocab_size) or IGNORE_INDEX (which skips a position). Checked before the forward, as the inputs are: out of
+    range, cross_entropy raises an IndexError on the CPU and, on a GPU, a device-side assert that leaves the CUDA
+    context unusable; and the range check's device sync there costs nothing, where after the forward it would hold
+    back the backward's launches until the forward is done."""
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"lmrt.models.{model}: `targets` must be an int64 tensor of token ids (int32 is taken too), "
+                         f"got {targets.dtype}")
+    if targets.device != inputs.device:
+        raise ValueError(f"lmrt.models.{model}: `targets` must be on the inputs' device {inputs.device}, got "
+                         f"{targets.device}")
+    if targets.numel() and not torch.compiler.is_compiling():
+        kept = targets.masked_fill(targets == IGNORE_INDEX, 0)
+        low, high = torch.stack(torch.aminmax(kept)).tolist()  # one device sync, not two
+        if low < 0 or high >= vocab_size:
+            outside = [str(v) for v in dict.fromkeys((low, high)) if not 0 <= v < vocab_size]
+            raise ValueError(f"lmrt.models.{model}: `targets` holds token id{'s' * (len(outside) > 1)} "
+                             f"{' and '.join(outside)}, outside the vocabulary [0, {vocab_size}) (and not "
+                             f"IGNORE_INDEX = {IGNORE_INDEX}, which skips a position)")
 
 
 def check_token_ids(model: str, name: str, tokens: Tensor, vocab_size: int) -> None:

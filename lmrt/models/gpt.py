@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lmrt._settings import require_at_least, require_dropout, require_one_of, require_types
-from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
+from lmrt.models._common import LanguageModel, check_targets, check_token_ids, language_model_loss
 from lmrt.nn.attention import check_heads
 from lmrt.nn.feed_forward import ACTIVATIONS
 from lmrt.nn.kv_cache import KVCache
@@ -107,6 +107,8 @@ class GPT(LanguageModel):
         (batch, length; IGNORE_INDEX = -100 skips a position) or None. With `cache` (from init_decoding), `idx`
         continues the cached tokens."""
         check_token_ids("GPT", "idx", idx, self.config.vocab_size)
+        if targets is not None:
+            check_targets("GPT", targets, idx, self.config.vocab_size)
         offset = 0 if cache is None else cache.length
         if offset + idx.shape[1] > self.config.context_length:
             raise ValueError(f"lmrt.models.GPT: {offset + idx.shape[1]} tokens exceed the context length "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lmrt._settings import require_at_least, require_dropout, require_types
-from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
+from lmrt.models._common import LanguageModel, check_targets, check_token_ids, language_model_loss
 
 
 @dataclass
@@ -87,6 +87,8 @@ class LSTMLanguageModel(LanguageModel):
         """Logits (batch, length, vocab) for token ids `idx` (batch, length), and the loss against `targets` or None.
         With `state` (from init_decoding), `idx` continues from it and the state moves past `idx`."""
         check_token_ids("LSTMLanguageModel", "idx", idx, self.config.vocab_size)
+        if targets is not None:
+            check_targets("LSTMLanguageModel", targets, idx, self.config.vocab_size)
         x = self.dropout(self.token_embedding(idx))
         output, hidden = self._recurrence(x, None if state is None else state.hidden)
         if state is not None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lmrt._settings import require_at_least, require_dropout, require_one_of, require_types
-from lmrt.models._common import LanguageModel, check_token_ids, language_model_loss
+from lmrt.models._common import LanguageModel, check_targets, check_token_ids, language_model_loss
 from lmrt.nn.attention import check_heads
 from lmrt.nn.feed_forward import ACTIVATIONS
 from lmrt.nn.kv_cache import KVCache
@@ -167,6 +167,8 @@ class Seq2SeqTransformer(LanguageModel):
         """Logits (batch, T, tgt_vocab) and the loss against `targets` (batch, T; -100 skips a position) or None.
 
         Padding masks are (batch, length) bools, True at padding; by default the positions holding `pad_id`."""
+        if targets is not None:
+            check_targets("Seq2SeqTransformer", targets, tgt, self.config.tgt_vocab_size)
         memory, memory_padding = self.encode(src, src_key_padding_mask)
         logits = self.decode_memory(tgt, memory, memory_padding, tgt_key_padding_mask)
         return logits, None if targets is None else language_model_loss(logits, targets)

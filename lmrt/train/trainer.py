@@ -50,7 +50,7 @@ from lmrt.data import (
     split_tokens,
     tokenizer_from_dict,
 )
-from lmrt.data.token_file import tokenizer_path
+from lmrt.data.token_file import is_token_file, tokenizer_path
 from lmrt.models import GPT, IGNORE_INDEX, GPTConfig, LSTMConfig, LSTMLanguageModel, Seq2SeqConfig, Seq2SeqTransformer
 from lmrt.train.checkpoint import (
     CheckpointError,
@@ -557,7 +557,7 @@ def _check_resumable(config: TrainConfig, state: dict, path: Path) -> None:
     free = RESUMABLE_CHANGES | {"out_dir"}
     if state["data"].get("fingerprint") is not None:
         free = free | {"data"}
-    if config.data is not None and _is_token_file(config.data):
+    if config.data is not None and is_token_file(config.data):
         free = free | {"tokenizer"}
     changed = sorted(name for name, value in config.to_dict().items() if name not in free and saved.get(name) != value)
     if changed:
@@ -641,13 +641,9 @@ def corpus_tokens(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tu
     return tokenizer, _tokens(config, text, tokenizer)
 
 
-def _is_token_file(path: str) -> bool:
-    return path.endswith(".bin")
-
-
 def _read_text(config: TrainConfig) -> str | None:
-    """The training text, or None when `data` is a .bin file of token ids."""
-    if config.data is not None and _is_token_file(config.data):
+    """The training text, or None when `data` is a file of token ids (lmrt.data.token_file.is_token_file)."""
+    if config.data is not None and is_token_file(config.data):
         return None
     return default_corpus() if config.data is None else read_text(config.data)
 

@@ -116,3 +116,24 @@ def test_token_ids_outside_the_vocabulary():
         model(torch.tensor([[0, 13]], device=DEVICE))
     with pytest.raises(ValueError, match="`idx` must be an int64 tensor of shape"):
         model(torch.zeros(4, dtype=torch.long, device=DEVICE))
+
+
+def test_targets_are_checked_like_idx():
+    """Targets outside the vocabulary reached cross_entropy: an IndexError on the CPU, a device-side assert that
+    poisons the CUDA context on a GPU; int32 targets, which idx accepts, were refused by cross_entropy."""
+    model = GPT(GPTConfig(**TINY), device=DEVICE)
+    idx = torch.randint(0, 13, (2, 5), device=DEVICE)
+    targets = torch.randint(0, 13, (2, 5), device=DEVICE)
+    targets[0, :2] = IGNORE_INDEX
+    torch.testing.assert_close(model(idx, targets.int())[1], model(idx, targets)[1])
+    for value, shown in [(13, "token id 13"), (-1, "token id -1"), (-101, "token id -101")]:
+        bad = targets.clone()
+        bad[1, 3] = value
+        with pytest.raises(ValueError, match=rf"`targets` holds {shown}, outside the vocabulary \[0, 13\) \(and not "
+                                             rf"IGNORE_INDEX = -100"):
+            model(idx, bad)
+    bad[0, 0] = 13
+    with pytest.raises(ValueError, match=r"`targets` holds token ids -101 and 13, outside the vocabulary \[0, 13\)"):
+        model(idx, bad)
+    with pytest.raises(ValueError, match="`targets` must be an int64 tensor of token ids .*, got torch.float32"):
+        model(idx, targets.float())

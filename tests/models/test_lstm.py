@@ -83,3 +83,13 @@ def test_the_cpu_autocast_probe_leaves_the_random_state_alone():
     state = torch.random.get_rng_state()
     _cpu_lstm_runs_in(torch.bfloat16)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_targets_are_checked_like_idx():
+    model = LSTMLanguageModel(LSTMConfig(vocab_size=13, n_embd=16, hidden_size=24), device=DEVICE)
+    idx = torch.randint(0, 13, (2, 5), device=DEVICE)
+    torch.testing.assert_close(model(idx, idx.int())[1], model(idx, idx)[1])
+    with pytest.raises(ValueError, match=r"`targets` holds token id 13, outside the vocabulary \[0, 13\)"):
+        model(idx, torch.full_like(idx, 13))
+    with pytest.raises(ValueError, match="`targets` must be an int64 tensor of token ids .*, got torch.uint8"):
+        model(idx, idx.to(torch.uint8))

@@ -92,6 +92,17 @@ def test_generate_from_an_empty_source(use_cache):
     assert torch.equal(model.generate(src, 1, num_beams=3, eos_token_id=None), greedy[:, :2])
 
 
+def test_targets_outside_the_target_vocabulary():
+    """The target vocabulary (13) is checked, not the source's (11)."""
+    model = Seq2SeqTransformer(Seq2SeqConfig(**TINY), device=DEVICE)
+    src, tgt, targets = (t.to(DEVICE) for t in reverse_batch(2, 5, 11, torch.Generator().manual_seed(0)))
+    targets[0, 0] = 12
+    model(src, tgt, targets)
+    targets[0, 0] = 13
+    with pytest.raises(ValueError, match=r"`targets` holds token id 13, outside the vocabulary \[0, 13\)"):
+        model(src, tgt, targets)
+
+
 def test_sequence_longer_than_the_position_table():
     model = Seq2SeqTransformer(Seq2SeqConfig(**TINY), device=DEVICE)
     src = torch.randint(3, 11, (1, 17), device=DEVICE)

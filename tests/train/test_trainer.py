@@ -484,6 +484,22 @@ def test_a_run_on_a_token_file_resumes_with_the_config_that_started_it(tmp_path)
     assert resumed.config.tokenizer == "byte" and resumed.run().step == 3
 
 
+@pytest.mark.parametrize("name", ["corpus.tokens", "CORPUS.BIN"])
+def test_a_token_file_is_read_as_token_ids_whatever_its_name(tmp_path, name):
+    """A token file not named *.bin was read as UTF-8 text, which a byte-level corpus's ids are (the header is ASCII,
+    the ids pairs of a byte and 0): the run trained on its bytes."""
+    from lmrt.data import ByteTokenizer, write_token_file
+    from lmrt.data.token_file import tokenizer_path
+    from lmrt.train.trainer import corpus_tokens
+
+    tokenizer, token_file = ByteTokenizer(), tmp_path / name
+    ids = tokenizer.encode("hello world, " * 100)
+    write_token_file(token_file, ids, tokenizer.vocab_size)
+    tokenizer.save(tokenizer_path(token_file))
+    _, tokens = corpus_tokens(TrainConfig(data=str(token_file)))
+    assert list(tokens) == list(ids)
+
+
 def _ddp_worker_rank_0_late(rank, port, config_dict):
     """A DDP worker whose rank 0 starts its clock 1.5 s after rank 1 (its start-up writes take that long)."""
     if rank == 0:
