@@ -100,7 +100,9 @@ def test_default_order(cuda_available):
     assert backends.select("op", torch.device("cpu"), ("triton", "torch"), serves_all) == "torch"
 
 
-def test_default_falls_back_with_one_warning(cuda_available):
+def test_default_falls_back_with_one_warning(cuda_available, monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())  # the warning is once per process: not if an earlier test warned
+
     def no_triton(name):
         return "it lacks this" if name == "triton" else None
 

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import lmrt
+from lmrt import reference
 from lmrt.ops import _autocast
 from tests.conftest import BACKENDS, DEVICE
-from tests.tolerance import ULP_AT_ONE
+from tests.tolerance import assert_within_torch_error, attention_grad_floor
 
 WIDTH = 24
 
@@ -33,6 +34,15 @@ OPS = {
     "softmax": (lambda x: lmrt.ops.softmax(x, -1), lambda x: F.softmax(x, -1), [(5, WIDTH)], 1),
     "log_softmax": (lambda x: lmrt.ops.log_softmax(x, -1), lambda x: F.log_softmax(x, -1), [(5, WIDTH)], 1),
 }
+# op: the exact answer, the reference's call in float64 (its inputs cast as autocast casts them first)
+EXACT = {
+    "scaled_dot_product_attention": lambda q, k, v, mask: reference.scaled_dot_product_attention(q, k, v, mask),
+    "layer_norm": lambda x, w, b: reference.layer_norm(x, (WIDTH,), w, b),
+    # eps=None is float32's epsilon for every input dtype but float64 (the computation's): so here too
+    "rms_norm": lambda x, w: reference.rms_norm(x, (WIDTH,), w, torch.finfo(torch.float32).eps),
+    "softmax": lambda x: reference.softmax(x, -1),
+    "log_softmax": lambda x: reference.log_softmax(x, -1),
+}
 
 
 def _inputs(op, dtypes):
@@ -41,20 +51,13 @@ def _inputs(op, dtypes):
             for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True))]
 
 
-def _run(fn, inputs):
-    """The output of `fn`, and the gradients of its inputs that take one for a fixed random output gradient."""
+def _run(fn, inputs, grad_dtype=None):
+    """The output of `fn`, and the gradients of its inputs that take one for a fixed random output gradient, drawn
+    in `grad_dtype` (by default the output's dtype)."""
     out = fn(*inputs)
-    grad_out = torch.randn(out.shape, device=DEVICE, dtype=out.dtype, generator=torch.Generator(DEVICE).manual_seed(1))
-    return out, torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad_out)
-
-
-def _assert_close_in(dtype, name, got, expected):
-    """Within 8 units in the last place of `dtype` at the result's scale: two computations in that precision that
-    round in different orders."""
-    assert got.dtype == expected.dtype, f"{name}: dtype {got.dtype}, torch gives {expected.dtype}"
-    scale = max(1.0, expected.detach().double().abs().max().item())
-    torch.testing.assert_close(got.detach().double(), expected.detach().double(), rtol=0,
-                               atol=8 * ULP_AT_ONE[dtype] * scale, msg=lambda m: f"{name}: {m}")
+    grad_out = torch.randn(out.shape, device=DEVICE, dtype=grad_dtype or out.dtype,
+                           generator=torch.Generator(DEVICE).manual_seed(1))
+    return out, torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad_out.to(out.dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -62,6 +65,8 @@ def _assert_close_in(dtype, name, got, expected):
 @pytest.mark.parametrize("op,input_dtypes", [(op, dtypes) for op in OPS for dtypes in ("float32", "bfloat16")] +
                          [("scaled_dot_product_attention", "mixed")])
 def test_same_dtypes_and_values_as_torch(op, input_dtypes, autocast_dtype, backend):
+    """The output and every gradient within the rule of tests/tolerance.py: the exact answer is the float64
+    reference on the inputs as autocast casts them, PyTorch's own error that of its op under the same autocast."""
     lmrt_fn, torch_fn, shapes, _ = OPS[op]
     # "mixed": query float32, the others bfloat16 (as after a float32 rotary embedding of the queries), which
     # autocast makes one dtype
@@ -72,10 +77,19 @@ def test_same_dtypes_and_values_as_torch(op, input_dtypes, autocast_dtype, backe
         expected, expected_grads = _run(torch_fn, inputs)
         with lmrt.backend(backend):
             got, grads = _run(lmrt_fn, inputs)
-    coarsest = max([expected.dtype, *dtypes], key=ULP_AT_ONE.get)
-    _assert_close_in(coarsest, "output", got, expected)
-    for i, (grad, expected_grad) in enumerate(zip(grads, expected_grads, strict=True)):
-        _assert_close_in(coarsest, f"gradient {i}", grad, expected_grad)
+    # Autocast casts every floating input of these calls to one dtype, that of PyTorch's output (attention's to the
+    # autocast dtype), or leaves them all alone (the norms and softmax on the CPU): the exact answer's inputs are
+    # rounded to it. A gradient with respect to the cast input is the one with respect to the input.
+    assert expected.dtype in (autocast_dtype, *dtypes)
+    cast = [t.detach().to(expected.dtype).double().requires_grad_(t.requires_grad) for t in inputs]
+    exact, exact_grads = _run(EXACT[op], cast, grad_dtype=expected.dtype)
+    assert_within_torch_error("output", got, expected, exact)
+    # Attention's gradients take 3x and the log-sum-exp floor, as everywhere (tests/ops/test_attention.py).
+    factor, floor = (3.0, attention_grad_floor(*cast[:2], None, cast[3])) if op == "scaled_dot_product_attention" \
+        else (2.0, 0.0)
+    for i, (grad, expected_grad, exact_grad) in enumerate(zip(grads, expected_grads, exact_grads, strict=True)):
+        assert grad.dtype == inputs[i].dtype, f"gradient {i}: dtype {grad.dtype}, the input's is {inputs[i].dtype}"
+        assert_within_torch_error(f"gradient {i}", grad, expected_grad, exact_grad, factor, floor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

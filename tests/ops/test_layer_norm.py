@@ -120,13 +120,22 @@ def test_long_adversarial_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_precision_weight(backend):
-    """A float32 weight with a bfloat16 input, as PyTorch's own layer_norm allows: output in the input's dtype."""
-    x, weight, bias, normalized_shape = _inputs((6, 130), 1, torch.bfloat16)
+    """A float32 weight and bias with a bfloat16 input, as PyTorch's own layer_norm allows: the output and the
+    input's gradient in bfloat16, the weight's and bias's gradients in float32, each within the rule of
+    tests/tolerance.py against F.layer_norm. The float32 gradients are what make the check sharp: they carry
+    float32's precision, where an error of the normalization (a wrong variance or eps) stands out at once."""
+    x, _, _, normalized_shape = _inputs((6, 130), 1, torch.bfloat16)
+    weight, bias = torch.randn(130, device=DEVICE), torch.randn(130, device=DEVICE)
+    grad_output = torch.randn_like(x)
+
+    def run(impl):
+        return lambda x, w, b: impl(x, normalized_shape, w, b, 1e-5)
+
     with lmrt.backend(backend):
-        y = lmrt.ops.layer_norm(x, normalized_shape, weight.float(), bias.float())
-    assert y.dtype == torch.bfloat16
-    exact = reference.layer_norm(x.double(), normalized_shape, weight.double(), bias.double())
-    torch.testing.assert_close(y.double(), exact, atol=2e-2, rtol=2e-2)
+        results = forward_backward(run(lmrt.ops.layer_norm), [x, weight, bias], grad_output)
+        check_against_torch(run(lmrt.ops.layer_norm), run(F.layer_norm), run(reference.layer_norm),
+                            [x, weight, bias], grad_output, ["input", "weight", "bias"])
+    assert [t.dtype for t in results] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,6 @@
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -82,6 +83,25 @@ def test_a_nan_makes_its_row_nan(n_cols, backend):
 def test_strided_inputs(backend):
     for x in (torch.randn(97, 7, device=DEVICE).t(), torch.randn(3, 781, device=DEVICE)[:, 100:600]):
         _check(x, torch.randn(x.shape[-1], device=DEVICE), x.shape[-1:], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_precision_weight(backend):
+    """As test_layer_norm.py's test of the same name: a float32 weight with a bfloat16 input, the output and the
+    input's gradient in bfloat16, the weight's gradient in float32, within the rule against F.rms_norm."""
+    x, weight = torch.randn(6, 130, device=DEVICE, dtype=torch.bfloat16), torch.randn(130, device=DEVICE)
+    grad_output = torch.randn_like(x)
+
+    def run(impl):
+        return lambda x, w: impl(x, (130,), w, 1e-6)
+
+    with lmrt.backend(backend), warnings.catch_warnings():
+        # F.rms_norm warns that mixed dtypes keep it off its fused kernel
+        warnings.filterwarnings("ignore", "Mismatch dtype between input and weight", UserWarning)
+        results = forward_backward(run(lmrt.ops.rms_norm), [x, weight], grad_output)
+        check_against_torch(run(lmrt.ops.rms_norm), run(F.rms_norm), run(reference.rms_norm), [x, weight],
+                            grad_output, ["input", "weight"])
+    assert [t.dtype for t in results] == [torch.bfloat16, torch.bfloat16, torch.float32]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
