@@ -200,6 +200,11 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, dropout_mask=None):
     """F.scaled_dot_product_attention's semantics (top-left causal alignment); fully masked rows give zeros."""
+    tensors = (query, key, value)
+    if min(t.dim() for t in tensors) == 2:  # (length, dim) inputs, which F takes: as one head
+        out = scaled_dot_product_attention(*(t if t.dim() >= 3 else t[None] for t in tensors), attn_mask, dropout_p,
+                                           is_causal, scale, enable_gqa, dropout_mask)
+        return out if max(t.dim() for t in tensors) >= 3 else out[0]
     if not enable_gqa and min(t.dim() for t in (query, key, value)) >= 3:
         # The heads dim is a batch dim: the three broadcast together.
         heads = torch.broadcast_shapes(*(t.shape[-3:-2] for t in (query, key, value)))

@@ -444,10 +444,9 @@ def test_sdpa_shapes_and_broadcasting(backend):
         q, k, v = (torch.randn(s, device=DEVICE) for s in (q_shape, k_shape, k_shape))
         grad_out = torch.randn(F.scaled_dot_product_attention(q, k, v).shape, device=DEVICE)
         q_heads, k_heads = (t if t.dim() >= 3 else t[None] for t in (q, k))  # attention_grad_floor's layout
-        # The exact answer is F.sdpa's in float64: lmrt.reference's takes no 2-D inputs.
         with lmrt.backend(backend):
             check_against_torch(lmrt.ops.scaled_dot_product_attention, F.scaled_dot_product_attention,
-                                F.scaled_dot_product_attention, [q, k, v], grad_out, ["query", "key", "value"],
+                                reference.scaled_dot_product_attention, [q, k, v], grad_out, ["query", "key", "value"],
                                 grad_factor=3.0, grad_floor=attention_grad_floor(q_heads, k_heads))
 
 
