@@ -1,10 +1,17 @@
 """Checks that the configuration dataclasses (GPTConfig, Seq2SeqConfig, LSTMConfig, TrainConfig) share: each
-raises a ValueError that names the class, the setting, what it needs and what it got."""
+raises a ValueError that names the class, the setting, what it needs and what it got. And `is_integer`, which the
+argument checks elsewhere share."""
 
 import functools
 import math
+import numbers
 import typing
 from collections.abc import Sequence
+
+
+def is_integer(value) -> bool:
+    """Whether `value` is an integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @functools.cache

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lmrt._settings import is_integer
+
 
 @torch.no_grad()
 def generate(model, prompt: Tensor, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
@@ -220,16 +222,11 @@ class _FinishedHypotheses:
         return self.items[0][1]
 
 
-def _is_count(value) -> bool:
-    """Whether `value` is an int (Python's or NumPy's), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _token_id(value) -> int | None:
     """`value` as a token id: an int >= 0 (Python's, NumPy's or a 0-d tensor's, not a bool); None if it is none."""
     if isinstance(value, Tensor) and value.dim() == 0:
         value = value.item()
-    return int(value) if _is_count(value) and value >= 0 else None
+    return int(value) if is_integer(value) and value >= 0 else None
 
 
 def _as_token_list(eos_token_id) -> list[int]:
@@ -251,14 +248,14 @@ def _check_options(prompt, max_new_tokens, do_sample, temperature, top_k, top_p,
         raise ValueError(f"lmrt.generation.generate: `prompt` must be a tensor of token ids of shape (batch, "
                          f"length >= 1), got {shape}")
     checks = [
-        (_is_count(max_new_tokens) and max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "an int >= 1"),
+        (is_integer(max_new_tokens) and max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "an int >= 1"),
         (isinstance(temperature, numbers.Real) and temperature > 0, "temperature", temperature,
          "a number > 0 (greedy decoding is do_sample=False)"),
-        (top_k is None or _is_count(top_k) and top_k >= 1,
+        (top_k is None or is_integer(top_k) and top_k >= 1,
          "top_k", top_k, "an int >= 1 or None"),
         (top_p is None or isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0, "top_p", top_p,
          "a number in (0, 1] or None"),
-        (_is_count(num_beams) and num_beams >= 1, "num_beams", num_beams, "an int >= 1"),
+        (is_integer(num_beams) and num_beams >= 1, "num_beams", num_beams, "an int >= 1"),
         (not (do_sample and num_beams > 1), "num_beams", num_beams, "1 when do_sample=True (no beam sampling)"),
         (isinstance(length_penalty, numbers.Real) and length_penalty == length_penalty, "length_penalty",
          length_penalty, "a number"),

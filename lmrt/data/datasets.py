@@ -7,7 +7,6 @@ arrays (lmrt.data.read_token_file): a window is read from the map when it is ask
 
 from __future__ import annotations
 
-import numbers
 import operator
 from collections.abc import Sequence
 
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lmrt._settings import is_integer
 from lmrt.data.corpus import read_text
 from lmrt.models import IGNORE_INDEX
 
@@ -43,7 +43,7 @@ class LanguageModelWindows(Dataset):
         if len(tokens) < context_length + 1:
             raise ValueError(f"the token stream has {len(tokens)} tokens; a window of context_length="
                              f"{context_length} needs at least {context_length + 1}")
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        if not is_integer(seed):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
         self.tokens, self.context_length, self.seed = tokens, context_length, int(seed)
         self.offset = 0
@@ -78,7 +78,7 @@ class Seq2SeqPairs(Dataset):
     def from_tsv(cls, path, tokenizer, max_length: int) -> Seq2SeqPairs:
         """One pair per line of a UTF-8 file, `source<TAB>target`; sides longer than `max_length` tokens (the
         target counts its end token) are cut."""
-        if not isinstance(max_length, numbers.Integral) or isinstance(max_length, bool) or max_length < 1:
+        if not is_integer(max_length) or max_length < 1:
             raise ValueError(f"`max_length` must be an integer >= 1 (tokens per side), got {max_length!r}")
         pairs = []
         # Lines end at "\n" only (read_text has turned \r\n and \r into it): str.splitlines would also break a

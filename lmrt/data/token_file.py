@@ -7,12 +7,13 @@ vocabulary fits in 65536 ids, else 4).
 
 from __future__ import annotations
 
-import numbers
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lmrt._settings import is_integer
 
 MAGIC = b"LMRTTOK1"
 HEADER = struct.Struct("<8sII")
@@ -24,8 +25,7 @@ _CHECK_CHUNK = 1 << 24  # tokens per chunk when scanning a file for ids outside 
 def write_token_file(path: str | Path, ids, vocab_size: int) -> None:
     """Write token `ids` (ints in [0, vocab_size): Python ints, a NumPy integer array or an integer tensor) to
     `path`, through a temporary file renamed into place."""
-    integer = isinstance(vocab_size, numbers.Integral) and not isinstance(vocab_size, bool)
-    if not integer or not 1 <= vocab_size <= _MAX_VOCAB:
+    if not is_integer(vocab_size) or not 1 <= vocab_size <= _MAX_VOCAB:
         raise ValueError(f"`vocab_size` must be an integer in [1, {_MAX_VOCAB}] (the header stores it as a uint32), "
                          f"got {vocab_size!r}")
     vocab_size = int(vocab_size)
@@ -49,7 +49,7 @@ def _integer_ids(ids) -> np.ndarray:
     if isinstance(ids, torch.Tensor):
         ids = ids.detach().cpu()
     array = np.asarray(ids)
-    if array.dtype == object and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in array.flat):
+    if array.dtype == object and all(is_integer(i) for i in array.flat):
         return array  # what numpy makes of Python ints beyond int64: the range check reports their true value
     if array.size and not np.issubdtype(array.dtype, np.integer):  # an empty list comes out as float64
         raise ValueError(f"`ids` must be integer token ids (Python ints, a NumPy integer array or an integer tensor), "

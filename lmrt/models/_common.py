@@ -35,9 +35,9 @@ def check_targets(model: str, targets: Tensor, inputs: Tensor, vocab_size: int) 
     if targets.device != inputs.device:
         raise ValueError(f"lmrt.models.{model}: `targets` must be on the inputs' device {inputs.device}, got "
                          f"{targets.device}")
-    if targets.numel() and not torch.compiler.is_compiling():
-        kept = targets.masked_fill(targets == IGNORE_INDEX, 0)
-        low, high = torch.stack(torch.aminmax(kept)).tolist()  # one device sync, not two
+    id_range = _id_range(targets.masked_fill(targets == IGNORE_INDEX, 0))
+    if id_range is not None:
+        low, high = id_range
         if low < 0 or high >= vocab_size:
             outside = [str(v) for v in dict.fromkeys((low, high)) if not 0 <= v < vocab_size]
             raise ValueError(f"lmrt.models.{model}: `targets` holds token id{'s' * (len(outside) > 1)} "
@@ -50,11 +50,20 @@ def check_token_ids(model: str, name: str, tokens: Tensor, vocab_size: int) -> N
     if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
         raise ValueError(f"lmrt.models.{model}: `{name}` must be an int64 tensor of shape (batch, length), got "
                          f"{tokens.dtype} of shape {list(tokens.shape)}")
-    if tokens.numel() and not torch.compiler.is_compiling():
-        low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one device sync, not two
+    id_range = _id_range(tokens)
+    if id_range is not None:
+        low, high = id_range
         if low < 0 or high >= vocab_size:
             raise ValueError(f"lmrt.models.{model}: `{name}` holds token ids from {low} to {high}, outside the "
                              f"vocabulary [0, {vocab_size})")
+
+
+def _id_range(tokens: Tensor) -> tuple[int, int] | None:
+    """The smallest and largest of `tokens`, with one device sync; None when there are none, or under torch.compile
+    (whose graph the sync would break)."""
+    if not tokens.numel() or torch.compiler.is_compiling():
+        return None
+    return tuple(torch.stack(torch.aminmax(tokens)).tolist())
 
 
 class LanguageModel(nn.Module):
