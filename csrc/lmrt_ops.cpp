@@ -447,9 +447,14 @@ bool built_with_cuda() {
 #endif
 }
 
-// Why the CUDA attention kernels cannot serve these head dims, or "" when they can.
-std::string cuda_attention_unsupported(int64_t head_dim, int64_t head_dim_v) {
+// Why the CUDA attention kernels cannot serve these head dims on `device` (whose compute capability they check), or
+// "" when they can.
+std::string cuda_attention_unsupported(c10::Device device, int64_t head_dim, int64_t head_dim_v) {
 #ifdef LMRT_WITH_CUDA
+  if (!device.is_cuda()) {
+    return "the CUDA attention kernels run on CUDA devices, not " + device.str();
+  }
+  const c10::cuda::CUDAGuard guard(device);
   const lmrt::cuda::AttentionShape shape{1, 1, 1, 1, 1, head_dim, head_dim_v, false, false, 1.f};
   const char* reason = lmrt::cuda::attention_unsupported(shape);
   return reason == nullptr ? "" : reason;
@@ -476,7 +481,8 @@ TORCH_LIBRARY(lmrt_C, m) {
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
       "bool causal, bool bottom_right, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
-  m.def("cuda_attention_unsupported(int head_dim, int head_dim_v) -> str", &cuda_attention_unsupported);
+  m.def("cuda_attention_unsupported(Device device, int head_dim, int head_dim_v) -> str",
+        &cuda_attention_unsupported);
 }
 
 // One implementation per operator serves both devices: it checks the inputs once and picks the kernel by device.

@@ -9,7 +9,6 @@ defined twice. The sources are globbed: a .cu file added to csrc/cuda/ is covere
 
 import concurrent.futures
 import functools
-import os
 import re
 import shutil
 import subprocess
@@ -47,21 +46,6 @@ class Compiled(NamedTuple):
     returncode: int
     output: str  # nvcc's stdout and stderr, ptxas's report included
     obj: Path
-
-
-def _nvcc() -> str | None:
-    cuda_home = os.environ.get("CUDA_HOME")
-    if cuda_home and os.access(Path(cuda_home) / "bin" / "nvcc", os.X_OK):
-        return str(Path(cuda_home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-@pytest.fixture(scope="module")
-def nvcc() -> str:
-    path = _nvcc()
-    if path is None:
-        pytest.skip("nvcc not found on PATH or at $CUDA_HOME/bin/nvcc; the CUDA sources are compiled where it is")
-    return path
 
 
 @pytest.fixture(scope="module")
