@@ -1,9 +1,10 @@
 """Key/value caches for incremental decoding: each new token then costs one query row, not a pass over the prefix.
 
 A `LayerKVCache` holds one attention layer's keys and values, (batch, kv_heads, capacity, head_dim) buffers
-allocated on first use in the keys' dtype and device. `append` writes the new tokens' keys and values after the
-cached ones and returns views of everything cached so far: views into the buffers, which the attention op reads
-in place (it takes any strides), so no step copies the prefix. `reorder` follows beam search's choice of beams.
+allocated on first use in the keys' dtype and device (later keys must match them). `append` writes the new tokens'
+keys and values after the cached ones and returns views of everything cached so far: views into the buffers, which
+the attention op reads in place (it takes any strides), so no step copies the prefix. `reorder` follows beam
+search's choice of beams.
 The cache is for inference: a call with gradients may fill it, but appending then would overwrite in place what that
 call saved for its backward, so it is refused.
 """
@@ -38,6 +39,12 @@ class LayerKVCache:
         elif keys.shape[:2] != self._keys.shape[:2]:
             raise ValueError(f"lmrt.nn.LayerKVCache: new keys of shape {list(keys.shape)} do not match the cached "
                              f"(batch, heads) {list(self._keys.shape[:2])}")
+        elif (keys.dtype, keys.device, values.dtype, values.device) != (self._keys.dtype, self._keys.device,
+                                                                          self._values.dtype, self._values.device):
+            raise ValueError(f"lmrt.nn.LayerKVCache: new keys and values ({keys.dtype} on {keys.device}, "
+                             f"{values.dtype} on {values.device}) must match the cached ones ({self._keys.dtype} on "
+                             f"{self._keys.device}, {self._values.dtype} on {self._values.device}); start a new "
+                             f"cache to decode in another dtype or on another device")
         elif torch.is_grad_enabled() and (self._keys.requires_grad or self._values.requires_grad):
             raise RuntimeError("lmrt.nn.LayerKVCache: the cached keys and values are part of an autograd graph, "
                                "whose backward appending would break (it writes into them in place); decode under "

@@ -150,6 +150,15 @@ def test_capacity_overflow():
             module(torch.randn(BATCH, 2, EMBED, device=DEVICE), is_causal=True, cache=cache)
 
 
+def test_keys_of_another_dtype_are_refused():
+    cache = LayerKVCache(5)
+    keys = torch.randn(BATCH, 2, 1, 4, device=DEVICE)
+    cache.append(keys.bfloat16(), keys.bfloat16())  # a first step under autocast, say
+    with pytest.raises(ValueError, match="float32 on .*must match the cached ones \\(torch.bfloat16"):
+        cache.append(keys, keys)  # was rounded to bfloat16 into the cache without a word
+    assert cache.length == 1, "a refused append should leave the cache as it was"
+
+
 def test_a_refused_key_padding_mask_leaves_the_cache_alone():
     """The mask is checked against the cached and new keys before the new ones are appended: a call refused for its
     mask used to cache its tokens all the same, shifting every later position."""
