@@ -424,6 +424,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
     const auto shape = attention_shape(q, k, v, causal, bottom_right, scale);
     check_cuda_attention_shape(op, shape);
     Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    if (shape.heads == 0) {  // no query sees the keys, and the launcher writes nothing then
+      return {dq, dk.zero_(), dv.zero_()};
+    }
     const Tensor scratch = workspace(q, lmrt::cuda::attention_bwd_workspace_bytes(shape));
     check_launch(op, lmrt::cuda::attention_bwd(cuda_dtype(q.scalar_type()), shape, attention_tensor(dout),
                                                attention_tensor(q), attention_tensor(k), attention_tensor(v),

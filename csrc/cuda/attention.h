@@ -51,7 +51,7 @@ cudaError_t attention_fwd(DType dtype, const AttentionShape& shape, AttentionTen
 size_t attention_bwd_workspace_bytes(const AttentionShape& shape);
 
 // dq, dk, dv in `dtype` with the shapes of q, k, v (strides given); dout and out shaped like out. The result is
-// deterministic.
+// deterministic. With no query heads (or no batch) it writes nothing: zero dk and dv there.
 cudaError_t attention_bwd(DType dtype, const AttentionShape& shape, AttentionTensor dout, AttentionTensor q,
                           AttentionTensor k, AttentionTensor v, AttentionTensor out, const float* lse,
                           const AttentionMask& mask, AttentionTensor dq, AttentionTensor dk, AttentionTensor dv,
