@@ -72,8 +72,7 @@ def _visible(rows: int, keys: int, causal: bool, bottom_right: bool, device) -> 
 
 def _scores(q, k, attn_mask, causal, bottom_right, scale, dtype):
     """scale * q k^T plus the additive mask, -inf where a boolean mask or causality hides a key."""
-    group = q.shape[-3] // k.shape[-3]
-    k = k.to(dtype).repeat_interleave(group, dim=-3)
+    k = _repeat_heads(k, q.shape[-3], dtype)
     s = scale * (q.to(dtype) @ k.transpose(-1, -2))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask.to(dtype)
@@ -89,14 +88,19 @@ def _probabilities(s: torch.Tensor) -> torch.Tensor:
     return torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
 
 
+def _group_size(n_heads: int, n_kv_heads: int) -> int:
+    """Query heads per key/value head; with no key/value heads there are no query heads either."""
+    return n_heads // n_kv_heads if n_kv_heads else 1
+
+
 def _repeat_heads(t: torch.Tensor, n_heads: int, dtype) -> torch.Tensor:
-    return t.to(dtype).repeat_interleave(n_heads // t.shape[-3], dim=-3)
+    return t.to(dtype).repeat_interleave(_group_size(n_heads, t.shape[-3]), dim=-3)
 
 
 def _sum_groups(grad: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     """Sum a per-query-head gradient over each key/value head's group of query heads."""
     batch, n_heads, *rest = grad.shape
-    return grad.view(batch, n_kv_heads, n_heads // n_kv_heads, *rest).sum(2)
+    return grad.view(batch, n_kv_heads, _group_size(n_heads, n_kv_heads), *rest).sum(2)
 
 
 def _dense_fwd(q, k, v, attn_mask, keep, causal, bottom_right, scale, dropout_p):

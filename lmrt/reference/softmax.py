@@ -9,8 +9,8 @@ from lmrt.reference._dtypes import compute_dtype
 
 def softmax_fwd(input: torch.Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> torch.Tensor:
     """softmax (or log_softmax when `log`) over `dim`, written in `out_dtype`."""
-    if input.numel() == 0:  # amax cannot reduce an empty dim
-        return torch.empty_like(input, dtype=out_dtype)
+    if input.numel() == 0:  # amax cannot reduce an empty dim; a copy keeps the result in input's autograd graph
+        return input.to(out_dtype, copy=True)
     x = input.to(compute_dtype(input.dtype, out_dtype))
     shifted = x - x.amax(dim, keepdim=True)
     if log:
