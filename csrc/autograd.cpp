@@ -50,6 +50,16 @@ Tensor as_rows(const Tensor& x, int64_t col_dims) {
   return matrix.stride(1) == 1 || cols <= 1 ? matrix : matrix.contiguous();
 }
 
+// The number of trailing dims a norm normalizes over, once `normalized_shape` is checked to be the last dims of
+// `input`'s shape (one at least), as F.layer_norm and F.rms_norm require.
+int64_t normalized_dims(const char* op, const Tensor& input, at::IntArrayRef normalized_shape) {
+  const int64_t dims = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(dims >= 1 && dims <= input.dim() && input.sizes().slice(input.dim() - dims) == normalized_shape,
+              "lmrt_C::", op, ": `normalized_shape` must be the last dims of the input's shape ", input.sizes(),
+              " (one at least), got ", normalized_shape);
+  return dims;
+}
+
 // The contiguous tensor `t` with shape `sizes` (its own when it has it).
 Tensor with_shape(const Tensor& t, at::IntArrayRef sizes) {
   return t.sizes() == sizes ? t : t.view(sizes);
@@ -167,14 +177,15 @@ struct LayerNormBackward : Node {
 
 Tensor layer_norm(const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
                   const std::optional<Tensor>& bias, double eps) {
-  return std::get<0>(layer_norm_forward(input, normalized_shape.size(), weight, bias, eps));
+  return std::get<0>(layer_norm_forward(input, normalized_dims("layer_norm", input, normalized_shape), weight, bias,
+                                        eps));
 }
 
 Tensor layer_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
                            const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
   auto [y, mean, rstd] = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return layer_norm_forward(input, normalized_shape.size(), weight, bias, eps);
+    return layer_norm_forward(input, normalized_dims("layer_norm", input, normalized_shape), weight, bias, eps);
   }();
   if (needs_node("layer_norm", input, weight, bias)) {
     auto node = make_node<LayerNormBackward>();
@@ -236,14 +247,14 @@ struct RmsNormBackward : Node {
 
 Tensor rms_norm(const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
                 double eps) {
-  return std::get<0>(rms_norm_forward(input, normalized_shape.size(), weight, eps));
+  return std::get<0>(rms_norm_forward(input, normalized_dims("rms_norm", input, normalized_shape), weight, eps));
 }
 
 Tensor rms_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
                          double eps) {
   auto [y, rstd] = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return rms_norm_forward(input, normalized_shape.size(), weight, eps);
+    return rms_norm_forward(input, normalized_dims("rms_norm", input, normalized_shape), weight, eps);
   }();
   if (needs_node("rms_norm", input, weight)) {
     auto node = make_node<RmsNormBackward>();

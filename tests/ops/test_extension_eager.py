@@ -150,6 +150,19 @@ def test_meta_tensors_give_meta_outputs(choice):
     assert [(t.device.type, t.shape) for t in outputs] == [("meta", x.shape)] * 3 + [("meta", q.shape)]
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("normalized_shape", [[5], [], [3, 7, 1], [1, 7]], ids=str)
+def test_extension_norms_check_normalized_shape(op, normalized_shape):
+    """torch.ops.lmrt_C's norms, called directly: they read only the length of `normalized_shape`, so (5,) on a
+    (3, 7) input normalized the rows of 7, and () each element alone."""
+    x = torch.randn(3, 7, device=DEVICE)
+    extra = (None, None, 1e-5) if op == "layer_norm" else (None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"`normalized_shape` must be the last dims of the input's shape \[3, 7\]"):
+        getattr(torch.ops.lmrt_C, op)(x, normalized_shape, *extra)
+    torch.testing.assert_close(getattr(torch.ops.lmrt_C, op)(x, [3, 7], *extra),
+                               getattr(torch.nn.functional, op)(x, [3, 7], *extra))
+
+
 @pytest.mark.skipif(not lmrt.backends.extension_status()[0], reason="lmrt._C is not built")
 def test_eager_calls_leave_other_calls_to_python():
     x = torch.randn(3, 8, device=DEVICE)
