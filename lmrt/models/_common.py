@@ -35,7 +35,7 @@ def check_targets(model: str, targets: Tensor, inputs: Tensor, vocab_size: int) 
     if targets.device != inputs.device:
         raise ValueError(f"lmrt.models.{model}: `targets` must be on the inputs' device {inputs.device}, got "
                          f"{targets.device}")
-    id_range = _id_range(targets.masked_fill(targets == IGNORE_INDEX, 0))
+    id_range = _id_range(targets, ignored=IGNORE_INDEX)
     if id_range is not None:
         low, high = id_range
         if low < 0 or high >= vocab_size:
@@ -58,11 +58,13 @@ def check_token_ids(model: str, name: str, tokens: Tensor, vocab_size: int) -> N
                              f"vocabulary [0, {vocab_size})")
 
 
-def _id_range(tokens: Tensor) -> tuple[int, int] | None:
-    """The smallest and largest of `tokens`, with one device sync; None when there are none, or under torch.compile
-    (whose graph the sync would break)."""
+def _id_range(tokens: Tensor, ignored: int | None = None) -> tuple[int, int] | None:
+    """The smallest and largest of `tokens`, `ignored` counting as 0, with one device sync; None when there are none,
+    or under torch.compile (whose graph the sync would break)."""
     if not tokens.numel() or torch.compiler.is_compiling():
         return None
+    if ignored is not None:
+        tokens = tokens.masked_fill(tokens == ignored, 0)
     return tuple(torch.stack(torch.aminmax(tokens)).tolist())
 
 

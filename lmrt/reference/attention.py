@@ -209,7 +209,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out = scaled_dot_product_attention(*(t if t.dim() >= 3 else t[None] for t in tensors), attn_mask, dropout_p,
                                            is_causal, scale, enable_gqa, dropout_mask)
         return out if max(t.dim() for t in tensors) >= 3 else out[0]
-    if not enable_gqa and min(t.dim() for t in (query, key, value)) >= 3:
+    if not enable_gqa and min(t.dim() for t in tensors) >= 3:
         # The heads dim is a batch dim: the three broadcast together.
         heads = torch.broadcast_shapes(*(t.shape[-3:-2] for t in (query, key, value)))
         query, key, value = (t.expand(*t.shape[:-3], *heads, *t.shape[-2:]) for t in (query, key, value))
