@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmrt import generation
-from lmrt.nn.positional import LearnedPositionalEmbedding
+from lmrt.nn.positional import FixedTables, LearnedPositionalEmbedding
 
 # Target positions holding this value take no part in the loss (padding, or a prompt not to be learned).
 IGNORE_INDEX = -100
@@ -76,6 +76,29 @@ class LanguageModel(nn.Module):
     and `decode(tokens, state)` runs new tokens (batch, n) through the model, updating the state, and returns
     their logits (batch, n, vocab).
     """
+
+    def _tied_embedding(self) -> nn.Embedding | None:
+        """The token embedding whose weight the output head `head` shares, or None."""
+        return None
+
+    def _tie_weights(self) -> None:
+        embedding = self._tied_embedding()
+        if embedding is not None:
+            self.head.weight = embedding.weight
+
+    def _apply(self, fn, recurse=True):
+        # Module.to_empty (the meta-device recipe) gives each module a parameter of its own, which would untie the head
+        # from the embedding: tie them again after every conversion (a no-op after the others, which keep the tie).
+        super()._apply(fn, recurse)
+        self._tie_weights()
+        return self
+
+    def _reset_norms_and_tables(self) -> None:
+        """Unit norms and the positional tables computed again: what each model's reset_parameters does besides its
+        random draws (after Module.to_empty, the meta-device recipe, both hold uninitialized memory)."""
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm | nn.RMSNorm | FixedTables):
+                module.reset_parameters()
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Number of parameters, shared ones counted once. `non_embedding` leaves out the position tables and the

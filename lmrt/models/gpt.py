@@ -86,12 +86,15 @@ class GPT(LanguageModel):
         self.final_norm = make_norm("GPT", config.norm, config.n_embd, config.eps, config.bias, factory)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False, **factory)
         self.reset_parameters()
-        if config.tie_weights:
-            self.head.weight = self.token_embedding.weight
+        self._tie_weights()
+
+    def _tied_embedding(self) -> nn.Embedding | None:
+        return self.token_embedding if self.config.tie_weights else None
 
     def reset_parameters(self) -> None:
         """GPT-2's initialization: N(0, 0.02) weights, zero biases, unit norms, and the projections that feed the
         residual stream scaled by 1/sqrt(2 * n_layer), so that the stream's variance does not grow with depth."""
+        self._reset_norms_and_tables()
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding | LearnedPositionalEmbedding):
                 nn.init.normal_(module.weight, std=0.02)

@@ -64,12 +64,15 @@ class LSTMLanguageModel(LanguageModel):
         output_width = config.n_embd if config.tie_weights else config.hidden_size
         self.head = nn.Linear(output_width, config.vocab_size, **factory)
         self.reset_parameters()
-        if config.tie_weights:
-            self.head.weight = self.token_embedding.weight
+        self._tie_weights()
+
+    def _tied_embedding(self) -> nn.Embedding | None:
+        return self.token_embedding if self.config.tie_weights else None
 
     def reset_parameters(self) -> None:
         """Uniform(-0.1, 0.1) embeddings (Zaremba et al.), the LSTM's own uniform(+-1/sqrt(hidden)) init with the
-        forget gates' biases at 1 (Jozefowicz et al. 2015: remember by default), and a zero output bias."""
+        forget gates' biases at 1 (Jozefowicz et al. 2015: remember by default), a zero output bias, and the
+        projection to the tied embeddings' width, if any, at nn.Linear's own init."""
         nn.init.uniform_(self.token_embedding.weight, -0.1, 0.1)
         self.lstm.reset_parameters()
         hidden = self.config.hidden_size
@@ -81,6 +84,8 @@ class LSTMLanguageModel(LanguageModel):
         nn.init.zeros_(self.head.bias)
         if not self.config.tie_weights:
             nn.init.uniform_(self.head.weight, -0.1, 0.1)
+        if self.projection is not None:
+            self.projection.reset_parameters()
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, state: LSTMState | None = None
                 ) -> tuple[Tensor, Tensor | None]:

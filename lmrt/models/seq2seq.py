@@ -114,17 +114,22 @@ class Seq2SeqTransformer(LanguageModel):
         self.encoder_norm, self.decoder_norm = final_norm(), final_norm()
         self.head = nn.Linear(d_model, config.tgt_vocab_size, bias=False, **factory)
         self.reset_parameters()
-        self.head.weight = self.tgt_embedding.weight
+        self._tie_weights()
+
+    def _tied_embedding(self) -> nn.Embedding:
+        return self.tgt_embedding
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform matrices and zero biases (as torch.nn.Transformer), and N(0, d_model^-1/2) embeddings,
-        which the sqrt(d_model) scaling brings to unit variance next to the unit-amplitude sinusoids."""
+        """Xavier-uniform matrices and zero biases (as torch.nn.Transformer), unit norms, and N(0, d_model^-1/2)
+        embeddings, which the sqrt(d_model) scaling brings to unit variance next to the unit-amplitude sinusoids."""
+        self._reset_norms_and_tables()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for embedding in {self.src_embedding, self.tgt_embedding}:
+        # In a fixed order (a set of the two modules would follow their addresses), each shared one once.
+        for embedding in dict.fromkeys((self.src_embedding, self.tgt_embedding)):
             nn.init.normal_(embedding.weight, std=self.config.d_model ** -0.5)
 
     def _padding_mask(self, name: str, tokens: Tensor, mask: Tensor | None) -> Tensor | None:

@@ -36,12 +36,37 @@ def _rotary_cos_sin(start: int, end: int, head_dim: int, base: float, device) ->
     return angles.cos(), angles.sin()
 
 
-class SinusoidalPositionalEncoding(nn.Module):
+class FixedTables(nn.Module):
+    """Base of the encodings whose tables are functions of their settings alone: float32 buffers, not in the state
+    dict, computed in float64 on the CPU and rounded once. They are computed again by reset_parameters and after
+    every Module._apply: model.bfloat16() would otherwise round them (bfloat16 tables err by 2e-3), and
+    Module.to_empty (the meta-device recipe) would leave them uninitialized, which load_state_dict cannot mend."""
+
+    def _tables(self) -> dict[str, Tensor]:
+        """The float64 tables by buffer name."""
+        raise NotImplementedError
+
+    def _register_tables(self, device) -> None:
+        for name, table in self._tables().items():
+            self.register_buffer(name, table.float().to(device), persistent=False)
+
+    def reset_parameters(self) -> None:
+        device = next(self.buffers()).device
+        for name, table in self._tables().items():
+            setattr(self, name, table.float().to(device))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.reset_parameters()
+        return self
+
+
+class SinusoidalPositionalEncoding(FixedTables):
     """Adds the fixed sinusoids of Vaswani et al.: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...).
 
     forward(x, offset=0) with x of shape (batch, length, embed_dim) returns x + PE[offset : offset + length].
-    The table is a non-persistent float32 buffer: it is not in the state dict and follows the module's device. Float64
-    x gets float64 encodings, computed at each call.
+    The table is a float32 buffer (see FixedTables): it is not in the state dict and follows the module's device.
+    Float64 x gets float64 encodings, computed at each call.
     """
 
     def __init__(self, embed_dim: int, max_length: int, base: float = 10000.0, device=None):
@@ -50,7 +75,10 @@ class SinusoidalPositionalEncoding(nn.Module):
             raise ValueError(f"lmrt.nn.SinusoidalPositionalEncoding: `embed_dim` ({embed_dim}) and `max_length` "
                              f"({max_length}) must be >= 1")
         self.embed_dim, self.max_length, self.base = embed_dim, max_length, base
-        self.register_buffer("table", _sinusoids(0, max_length, embed_dim, base, device).float(), persistent=False)
+        self._register_tables(device)
+
+    def _tables(self) -> dict[str, Tensor]:
+        return {"table": _sinusoids(0, self.max_length, self.embed_dim, self.base, "cpu")}
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         end = offset + x.shape[-2]
@@ -80,14 +108,14 @@ class LearnedPositionalEmbedding(nn.Module):
         return f"max_length={self.max_length}, embed_dim={self.embed_dim}"
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(FixedTables):
     """Rotary position embedding (Su et al.), applied to queries and keys inside attention.
 
     Pairs (x[i], x[i + d/2]) of each head are rotated by the angle p * base^(-2i/d) at position p (the
     "rotate half" layout of GPT-NeoX and Llama), so that the score of a query and a key depends on their
     relative position only. forward(x, offset=0) takes x of shape (batch, length, heads, head_dim) and rotates in
-    float32 with float32 tables (non-persistent buffers), or in float64 with angles computed at each call for float64
-    x.
+    float32 with float32 tables (buffers, see FixedTables), or in float64 with angles computed at each call for
+    float64 x.
     """
 
     def __init__(self, head_dim: int, max_length: int, base: float = 10000.0, device=None):
@@ -95,18 +123,11 @@ class RotaryEmbedding(nn.Module):
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"lmrt.nn.RotaryEmbedding: `head_dim` must be even and >= 2, got {head_dim}")
         self.head_dim, self.max_length, self.base = head_dim, max_length, base
-        cos, sin = _rotary_cos_sin(0, max_length, head_dim, base, device)
-        self.register_buffer("cos", cos.float(), persistent=False)  # (max_length, head_dim / 2)
-        self.register_buffer("sin", sin.float(), persistent=False)
+        self._register_tables(device)
 
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype) (model.bfloat16(), say) rounds floating buffers: tables of bfloat16 would err by 2e-3, so
-        # they are computed again, in float32, on their new device.
-        super()._apply(fn, recurse)
-        if self.cos.dtype != torch.float32:
-            cos, sin = _rotary_cos_sin(0, self.max_length, self.head_dim, self.base, self.cos.device)
-            self.cos, self.sin = cos.float(), sin.float()
-        return self
+    def _tables(self) -> dict[str, Tensor]:
+        cos, sin = _rotary_cos_sin(0, self.max_length, self.head_dim, self.base, "cpu")
+        return {"cos": cos, "sin": sin}  # (max_length, head_dim / 2)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         if x.shape[-1] != self.head_dim:

@@ -89,14 +89,22 @@ def test_rotary_keeps_dtype():
     torch.testing.assert_close(out, rotate_complex(x.double(), 2).bfloat16(), rtol=2**-8, atol=1e-5)
 
 
-def test_rotary_tables_stay_float32_when_the_model_changes_dtype():
-    """model.bfloat16() rounded the cos and sin buffers to bfloat16 (2e-3 off); they are computed again in float32,
-    so a converted module rotates as a new one does."""
-    module = torch.nn.Sequential(lmrt.nn.RotaryEmbedding(8, max_length=12, device=DEVICE)).bfloat16()
-    fresh = lmrt.nn.RotaryEmbedding(8, max_length=12, device=DEVICE)
-    assert module[0].cos.dtype == module[0].sin.dtype == torch.float32
-    torch.testing.assert_close(module[0].cos, fresh.cos, rtol=0, atol=0)
-    torch.testing.assert_close(module[0].sin, fresh.sin, rtol=0, atol=0)
+TABLE_MODULES = {"rotary": lambda device: lmrt.nn.RotaryEmbedding(8, max_length=12, device=device),
+                 "sinusoidal": lambda device: lmrt.nn.SinusoidalPositionalEncoding(8, max_length=12, device=device)}
+
+
+@pytest.mark.parametrize("make", TABLE_MODULES.values(), ids=TABLE_MODULES.keys())
+@pytest.mark.parametrize("convert", [lambda m: m.bfloat16(), lambda m: m.bfloat16().float(),
+                                     lambda m: m.to(device="meta").to_empty(device=DEVICE)],
+                         ids=["bfloat16", "bfloat16-float", "to_empty"])
+def test_tables_stay_exact_float32_when_the_module_is_converted(make, convert):
+    """model.bfloat16() rounded the tables to bfloat16 (2e-3 off), for good after .float(), and Module.to_empty (the
+    meta-device recipe) left them uninitialized, which load_state_dict cannot mend (they are not in the state dict).
+    They are computed again after every conversion, so a converted module encodes as a new one does."""
+    module, fresh = convert(torch.nn.Sequential(make(DEVICE)))[0], make(DEVICE)
+    for name, table in fresh.named_buffers():
+        assert module.get_buffer(name).dtype == torch.float32
+        torch.testing.assert_close(module.get_buffer(name), table, rtol=0, atol=0)
     x = torch.randn(2, 5, 3, 8, device=DEVICE, dtype=torch.bfloat16)
     torch.testing.assert_close(module(x), fresh(x), rtol=0, atol=0)
 
