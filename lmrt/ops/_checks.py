@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -43,12 +44,17 @@ def check_parameter(
 
 
 def check_dim(op: str, input: torch.Tensor, dim: int) -> int:
-    """`dim` made non-negative; a 0-dim tensor counts as having one dim, as in torch.softmax."""
+    """`dim` made a non-negative int (from any integer PyTorch takes: a NumPy one, a 0-dim integer tensor); a 0-dim
+    tensor counts as having one dim, as in torch.softmax."""
     ndim = max(input.dim(), 1)
-    if not isinstance(dim, int) or not -ndim <= dim < ndim:
+    try:
+        index = operator.index(dim)
+    except TypeError:
+        index = None
+    if index is None or not -ndim <= index < ndim:
         raise IndexError(f"lmrt.ops.{op}: `dim` must be an int in [{-ndim}, {ndim - 1}] for `input` of shape "
                          f"{list(input.shape)}, got {dim!r}")
-    return dim % ndim
+    return index % ndim
 
 
 def refuse_forward_ad(op: str, *tensors: torch.Tensor | None) -> None:

@@ -13,15 +13,25 @@ from lmrt.ops._checks import check_dim, check_floating, refuse_forward_ad
 from lmrt.ops._dispatch import eager_calls, extension_ops, pick_backend, unit_column_stride
 
 
-def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Softmax over `dim`; same call as F.softmax. With `dtype`, the input is cast to it first, as in F.softmax; an
-    upcast (bfloat16 to float32, say) is exact, so the kernels read the input as it is and write `dtype`."""
-    return _softmax(input, dim, dtype, log=False)
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
+    """Softmax over `dim`; same call as F.softmax (`_stacklevel` is taken and unused), except that `dim` must be
+    given. With `dtype`, the input is cast to it first, as in F.softmax; an upcast (bfloat16 to float32, say) is
+    exact, so the kernels read the input as it is and write `dtype`."""
+    return _softmax(input, _given_dim("softmax", dim), dtype, log=False)
 
 
-def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Log-softmax over `dim`; same call as F.log_softmax."""
-    return _softmax(input, dim, dtype, log=True)
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+                ) -> Tensor:
+    """Log-softmax over `dim`; same call as F.log_softmax, except that `dim` must be given."""
+    return _softmax(input, _given_dim("log_softmax", dim), dtype, log=True)
+
+
+def _given_dim(op: str, dim: int | None) -> int:
+    """`dim` as given, or an error for None: F's implicit choice of a dim for None is deprecated."""
+    if dim is None:
+        raise ValueError(f"lmrt.ops.{op}: `dim` must be given; F.{op}'s implicit choice of a dim for dim=None is "
+                         "deprecated and not supported")
+    return dim
 
 
 def _op_name(log: bool) -> str:

@@ -1,5 +1,7 @@
+import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,6 +160,24 @@ def test_empty_and_scalar_inputs(backend):
         torch.testing.assert_close(lmrt.ops.log_softmax(scalar, -1), F.log_softmax(scalar, -1))
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_same_call_as_torch(op, monkeypatch):
+    """F's signature, (input, dim, _stacklevel, dtype): the third positional argument was taken as `dtype`, and
+    torch.nn.Softmax, which passes `_stacklevel=5`, failed on lmrt's op swapped in for F's. Any integer PyTorch takes
+    is a dim."""
+    lmrt_fn, torch_fn, _ = OPS[op]
+    assert list(inspect.signature(lmrt_fn).parameters) == list(inspect.signature(torch_fn).parameters)
+    x = torch.randn(3, 4, 5, device=DEVICE)
+    half = x.bfloat16()
+    torch.testing.assert_close(lmrt_fn(half, 1, 3, torch.float32), torch_fn(half, 1, 3, torch.float32))
+    for dim in (np.int64(1), torch.tensor(1)):
+        torch.testing.assert_close(lmrt_fn(x, dim), torch_fn(x, 1))
+    module = {"softmax": torch.nn.Softmax, "log_softmax": torch.nn.LogSoftmax}[op](dim=1)
+    expected = module(x)
+    monkeypatch.setattr(F, op, lmrt_fn)
+    torch.testing.assert_close(module(x), expected)
+
+
 def test_module():
     x = torch.randn(3, 4, 5, device=DEVICE)
     torch.testing.assert_close(lmrt.nn.Softmax(dim=1)(x), torch.nn.Softmax(dim=1)(x))
@@ -173,6 +193,11 @@ class TestBadInput:
     def test_dim_out_of_range(self):
         with pytest.raises(IndexError, match=r"lmrt.ops.log_softmax: `dim` must be an int in \[-2, 1\].*got 2"):
             lmrt.ops.log_softmax(torch.randn(2, 3), 2)
+
+    @pytest.mark.parametrize("op", OPS)
+    def test_no_dim(self, op):
+        with pytest.raises(ValueError, match=f"lmrt.ops.{op}: `dim` must be given"):
+            OPS[op][0](torch.randn(2, 3))
 
     def test_integer_output_dtype(self):
         with pytest.raises(TypeError, match="`dtype` must be a floating-point dtype"):
