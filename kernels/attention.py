@@ -639,7 +639,9 @@ def attention_fwd(
     q is (batch, Hq, Lq, D), k (batch, Hk, Lk, D), v (batch, Hk, Lk, Dv), any strides; Hq a multiple of Hk.
     `attn_mask`, if given, is a (batch, Hq, Lq, Lk) view (broadcast dims with stride 0), boolean or float.
     Packed sequences: batch is 1, the rows are all tokens, `cu_seqlens_*` (int32, n + 1 entries) split them and
-    `max_seqlen_*` bound each sequence's length. `seed` is an int64 device tensor, read by the kernel.
+    `max_seqlen_*` bound each sequence's length; unpacked, the lengths are the tensors' (`max_seqlen_*` are unread, so
+    that a call recorded by torch.jit.trace, where they are constants, serves other lengths). `seed` is an int64
+    device tensor, read by the kernel.
     The output is (batch, Hq, Lq, Dv), stored heads-first when `heads_first_out`, else rows-first (a
     (batch, Lq, Hq, Dv) tensor transposed); the log-sum-exp is float32 (batch, Hq, Lq), +inf for empty rows.
     """
@@ -647,6 +649,8 @@ def attention_fwd(
     batch, n_heads, rows, head_dim = q.shape
     head_dim_v = v.shape[-1]
     varlen = cu_seqlens_q is not None
+    if not varlen:
+        max_seqlen_q, max_seqlen_k = rows, k.shape[2]
     out_shape = (batch, n_heads, rows, head_dim_v) if heads_first_out else (batch, rows, n_heads, head_dim_v)
     out = (torch.zeros if varlen else torch.empty)(out_shape, dtype=q.dtype, device=q.device)
     out = out if heads_first_out else out.transpose(1, 2)
@@ -686,6 +690,8 @@ def attention_bwd(
     batch, n_heads, rows, head_dim = q.shape
     n_kv_heads, keys, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     varlen = cu_seqlens_q is not None
+    if not varlen:
+        max_seqlen_q, max_seqlen_k = rows, keys
     alloc = torch.zeros_like if varlen else torch.empty_like
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     dmask = torch.zeros((batch, n_heads, rows, keys), dtype=torch.float32, device=q.device) if mask_grad else None

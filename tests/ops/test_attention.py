@@ -685,6 +685,31 @@ def test_compiles_without_graph_breaks():
     check_compiled_matches_eager(lambda q, k, v: lmrt.ops.scaled_dot_product_attention(q, k, v).sum(), (q, k, v))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_traced_call_serves_other_lengths(backend):
+    """torch.jit.trace records the lengths that the public calls pass as `max_seqlen_*` as constants: the triton
+    kernels took their grid and bounds from them, so a trace taken at 5 queries and 6 keys read 6 of 11 keys (and
+    uninitialized rows) at 9 and 11. Unpacked calls now take the lengths from the tensors."""
+    def sdpa(q, k, v):
+        return lmrt.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def flash(q, k, v):
+        return lmrt.ops.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal=True).transpose(1, 2)
+
+    with lmrt.backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated in favour of export
+        for call in (sdpa, flash):
+            traced = torch.jit.trace(call, _qkv(1, 2, 2, 5, 6, 16, torch.float32), check_trace=False)
+            q, k, v = _qkv(1, 2, 2, 9, 11, 16, torch.float32)
+            grad_out = torch.randn_like(q)
+            expected = forward_backward(call, [q, k, v], grad_out)
+            actual = forward_backward(traced, [q, k, v], grad_out)
+            for got, want in zip(actual, expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 class TestBadInput:
     def test_dtype_mismatch(self):
         q, k, v = _qkv(1, 1, 1, 4, 4, 8, torch.float32)
