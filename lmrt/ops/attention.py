@@ -74,7 +74,7 @@ def scaled_dot_product_attention(
     rows, keys = q.shape[2], k.shape[2]
     mask = None
     if attn_mask is not None:
-        mask = broadcast_mask(op, attn_mask, (*batch_shape, n_heads, rows, keys))
+        mask = broadcast_mask(op, attn_mask, (*batch_shape, n_heads, rows, keys), q.device)
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     out, _ = torch.ops.lmrt.attention_fwd(q, k, v, mask, None, None, rows, keys, float(dropout_p),
                                           draw_seed(q.device, dropout_p), bool(is_causal), False, scale, True)
@@ -128,12 +128,14 @@ def check_dropout_p(op: str, dropout_p: float) -> None:
         raise ValueError(f"lmrt.ops.{op}: `dropout_p` must be a float in [0, 1), got {dropout_p!r}")
 
 
-def broadcast_mask(op: str, attn_mask: Tensor, shape: tuple[int, ...]) -> Tensor:
+def broadcast_mask(op: str, attn_mask: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
     """`attn_mask` as a (batch, heads, Lq, Lk) view of its broadcast to `shape` (no copy when the batch dims
-    merge, as they do for one batch dim)."""
+    merge, as they do for one batch dim), on the query's `device`."""
     if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
         got = attn_mask.dtype if isinstance(attn_mask, Tensor) else type(attn_mask).__name__
         raise TypeError(f"lmrt.ops.{op}: `attn_mask` must be a bool or floating-point tensor, got {got}")
+    if attn_mask.device != device:
+        raise ValueError(f"lmrt.ops.{op}: `attn_mask` is on {attn_mask.device} but `query` is on {device}")
     try:
         expanded = attn_mask.expand(shape)
     except RuntimeError:

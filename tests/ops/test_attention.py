@@ -773,6 +773,14 @@ class TestBadInput:
         with pytest.raises(TypeError, match="`max_seqlen_k` must be a non-negative Python int, got tensor"):
             lmrt.ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, torch.tensor(4))
 
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_mask_on_another_device(self, backend):
+        """The mask's device went unchecked on the Python path: a CPU mask reached the GPU kernels."""
+        q, k, v = _qkv(1, 1, 1, 4, 5, 8, torch.float32)
+        with lmrt.backend(backend), pytest.raises(ValueError, match=f"`attn_mask` is on meta but `query` is on "
+                                                                     f"{q.device.type}"):
+            lmrt.ops.scaled_dot_product_attention(q, k, v, torch.zeros(4, 5, device="meta"))
+
     @pytest.mark.cuda
     def test_key_on_another_device(self):
         q, k, v = _qkv(1, 1, 1, 4, 5, 8, torch.float32)
