@@ -226,16 +226,22 @@ def _no_lse(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _mask_grad_dtype(q: Tensor) -> torch.dtype:
+    """The dtype of the mask's gradient: the scores', float64 for float64 queries (the torch backend) and float32
+    for the kernels' dtypes, whose scores are float32."""
+    return reference.compute_dtype(q.dtype)
+
+
 @torch.library.custom_op("lmrt::attention_bwd", mutates_args=())
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Tensor | None,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     dropout_p: float, seed: Tensor | None, causal: bool, bottom_right: bool, scale: float, mask_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, d attn_mask): dq, dk, dv like q, k, v; the mask's gradient float32 (batch, Hq, Lq, Lk) when
-    `mask_grad`, else an empty tensor."""
+    """(dq, dk, dv, d attn_mask): dq, dk, dv like q, k, v; the mask's gradient (batch, Hq, Lq, Lk) in the dtype the
+    scores are computed in (`_mask_grad_dtype`) when `mask_grad`, else an empty tensor."""
     if q.shape[1] == 0:  # no query heads: a key/value head that broadcasts over them gets zero gradients
-        dmask = q.new_empty((*q.shape[:3], k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
+        dmask = q.new_empty((*q.shape[:3], k.shape[2]) if mask_grad else (0,), dtype=_mask_grad_dtype(q))
         return _grad_like(q), _grad_like(k).zero_(), _grad_like(v).zero_(), dmask
     args = (q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed,
             causal, bottom_right, scale)
@@ -252,14 +258,14 @@ def attention_bwd(
         grads = reference.attention_bwd(grad_out, *args)
         dq, dk, dv = (_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3], strict=True))
         dmask = grads[3]
-    return dq, dk, dv, (dmask if mask_grad else q.new_empty(0, dtype=torch.float32))
+    return dq, dk, dv, (dmask if mask_grad else q.new_empty(0, dtype=_mask_grad_dtype(q)))
 
 
 @attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
       seed, causal, bottom_right, scale, mask_grad):
     dmask_shape = (*q.shape[:3], k.shape[2]) if mask_grad else (0,)
-    return _grad_like(q), _grad_like(k), _grad_like(v), q.new_empty(dmask_shape, dtype=torch.float32)
+    return _grad_like(q), _grad_like(k), _grad_like(v), q.new_empty(dmask_shape, dtype=_mask_grad_dtype(q))
 
 
 def _setup_context(ctx, inputs, output):

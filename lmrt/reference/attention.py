@@ -129,7 +129,7 @@ def _dense_bwd(dout, q, k, v, out, attn_mask, keep, causal, bottom_right, scale,
     ds = p * (dp - delta)
     dq = scale * (ds @ _repeat_heads(k, n_heads, dtype))
     dk = _sum_groups(scale * (ds.transpose(-1, -2) @ q.to(dtype)), n_kv_heads)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds.to(torch.float32)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -163,7 +163,8 @@ def attention_fwd(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
 def attention_bwd(dout, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   dropout_p, seed, causal, bottom_right, scale):
-    """(dq, dk, dv, d scores): the gradients of `attention_fwd`, the last one float32 (batch, Hq, Lq, Lk). `lse` is
+    """(dq, dk, dv, d scores): the gradients of `attention_fwd`, the last one (batch, Hq, Lq, Lk) in the compute
+    dtype (float64 for float64 queries, else float32), or None for packed sequences. `lse` is
     the kernels' contract; this dense form recomputes the probabilities from the scores instead, exactly."""
     if cu_seqlens_q is None:
         keep = _keep_mask(seed, dropout_p, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)

@@ -471,14 +471,18 @@ def test_key_and_value_head_counts_may_differ(heads, gqa, backend):
 def test_float64_is_float64_accurate_and_large_scores_float32_accurate():
     """Float64 (served by the reference on every device) as exact as F.sdpa's float64, gradients included: the
     reference's backward recomputes the softmax rather than exp(s - lse) from the float32 lse the kernels' contract
-    keeps. And on the torch backend in float32, scores near 1000 as accurate as F.sdpa's max-subtracted softmax."""
+    keeps; the gradient of an additive float64 mask too (it was rounded to float32). And on the torch backend in
+    float32, scores near 1000 as accurate as F.sdpa's max-subtracted softmax."""
     q, k, v = (torch.randn(1, 2, n, 8, device=DEVICE, dtype=torch.float64) for n in (6, 7, 7))
+    mask = torch.randn(2, 6, 7, device=DEVICE, dtype=torch.float64)
     grad_out = torch.randn(1, 2, 6, 8, device=DEVICE, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the default backends' one-time fallback warning for float64
-        got = forward_backward(lambda *t: lmrt.ops.scaled_dot_product_attention(*t, scale=3.0), (q, k, v), grad_out)
-    exact = forward_backward(lambda *t: F.scaled_dot_product_attention(*t, scale=3.0), (q, k, v), grad_out)
-    for name, result, expected in zip(["output", "query", "key", "value"], got, exact, strict=True):
+        got = forward_backward(lambda *t: lmrt.ops.scaled_dot_product_attention(*t, scale=3.0), (q, k, v, mask),
+                               grad_out)
+    exact = forward_backward(lambda *t: F.scaled_dot_product_attention(*t, scale=3.0), (q, k, v, mask), grad_out)
+    for name, result, expected in zip(["output", "query", "key", "value", "mask"], got, exact, strict=True):
+        assert result.dtype == torch.float64, name
         torch.testing.assert_close(result, expected, atol=1e-12, rtol=1e-12, msg=name)
 
     q, k, v = (t.float() for t in (q, k, v))
