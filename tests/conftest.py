@@ -13,6 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lmrt import backends  # noqa: E402
+from tests.triton_interpreter import round_bfloat16_to_nearest_even  # noqa: E402
+
+if os.environ["TRITON_INTERPRET"] == "1":
+    round_bfloat16_to_nearest_even()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The norms and softmax use no tl.dot, so the interpreter runs bfloat16 too.

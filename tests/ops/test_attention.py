@@ -2,8 +2,8 @@
 
 Each case compares a backend with the exact answer (lmrt.reference in float64) and with PyTorch's own computation
 in the inputs' dtype (the matmuls in that dtype, the softmax in float32, as flash-attention's `attention_ref`
-with upcast=False): the output's error may be at most 2x PyTorch's, each gradient's at most 3x, plus 4 ulps, and
-the gradients also tests.tolerance.attention_grad_floor (the probabilities recomputed from the log-sum-exp).
+with upcast=False): the output's error may be at most 2x PyTorch's, each gradient's at most 3x, plus 4 ulps and
+tests.tolerance.attention_floor (the kernels exponentiate in base 2, and from the log-sum-exp).
 Small shapes run everywhere (the Triton interpreter on the CPU); the `cuda` grid runs long sequences on a GPU.
 """
 
@@ -22,7 +22,7 @@ from lmrt.ops.attention import draw_seed
 from tests.conftest import BACKENDS, DEVICE, DTYPES, EXTENSION_BACKENDS
 from tests.tolerance import (
     assert_within_torch_error,
-    attention_grad_floor,
+    attention_floor,
     check_against_torch,
     check_compiled_matches_eager,
     forward_backward,
@@ -103,7 +103,7 @@ def one_hot_grad_scales(q, k, v, grad_out, scale=None, is_causal=False):
 
 def _check_sdpa(backend, q, k, v, attn_mask=None, one_hot_rows=False, **kwargs):
     """The rule of tests/tolerance.py on every backend; `one_hot_rows` where every row's softmax is one-hot (no mask):
-    the query's and key's gradients vanish, their floors are taken at one_hot_grad_scales, and the lse floor is left
+    the query's and key's gradients vanish, their floors are taken at one_hot_grad_scales, and attention_floor is left
     out, as such a row's lse is its maximum plus log 1 (measured: at most 0.7 float32 ulps at those scales)."""
     if backend == "cuda" and extension_ops().cuda_attention_unsupported(q.device, q.shape[-1], v.shape[-1]):
         # Chosen explicitly, the backend refuses with the reason; the default order passes such calls to triton.
@@ -124,14 +124,14 @@ def _check_sdpa(backend, q, k, v, attn_mask=None, one_hot_rows=False, **kwargs):
 
     grad_out = torch.randn(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
     tensors, names = [q, k, v, attn_mask], ["query", "key", "value", "attn_mask"]
-    floor = attention_grad_floor(q, k, kwargs.get("scale"), attn_mask)
+    floor = attention_floor(q, k, kwargs.get("scale"), attn_mask)
     grad_scales = None
     if one_hot_rows:
         floor, grad_scales = 0.0, one_hot_grad_scales(q, k, v, grad_out, kwargs.get("scale"),
                                                         kwargs.get("is_causal", False))
     with lmrt.backend(backend):
         check_against_torch(lmrt_fn, torch_fn, exact_fn, tensors[:3] if constant_mask else tensors, grad_out,
-                            names[:3] if constant_mask else names, grad_factor=3.0, grad_floor=floor,
+                            names[:3] if constant_mask else names, grad_factor=3.0, floor=floor,
                             grad_scales=grad_scales)
 
 
@@ -185,7 +185,7 @@ def test_flash_attn_func_bottom_right(rows, keys, dtype, causal, softmax_scale, 
                             lambda q, k, v: flash_attn_in_dtype(q, k, v, **kwargs),
                             lambda q, k, v: reference.flash_attn_func(q, k, v, **kwargs),
                             [q, k, v], torch.randn_like(q), ["q", "k", "v"], grad_factor=3.0,
-                            grad_floor=attention_grad_floor(q.transpose(1, 2), k.transpose(1, 2), softmax_scale))
+                            floor=attention_floor(q.transpose(1, 2), k.transpose(1, 2), softmax_scale))
     assert lmrt.ops.flash_attn_func(q, k, v).is_contiguous()  # (batch, L, heads, dim), as flash-attn returns
 
 
@@ -220,7 +220,7 @@ def test_flash_attn_varlen_func(dtype, causal, softmax_scale, backend):
                             torch_fn,
                             lambda q, k, v: reference.flash_attn_varlen_func(q, k, v, *packed, **kwargs),
                             [q, k, v], torch.randn_like(q), ["q", "k", "v"], grad_factor=3.0,
-                            grad_floor=attention_grad_floor(q.transpose(0, 1), k.transpose(0, 1), softmax_scale))
+                            floor=attention_floor(q.transpose(0, 1), k.transpose(0, 1), softmax_scale))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -390,7 +390,7 @@ def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
 
     with lmrt.backend(backend):
         check_against_torch(lmrt_fn, torch_fn, exact_fn, [q, k, v], torch.randn_like(q), ["query", "key", "value"],
-                            grad_factor=3.0, grad_floor=attention_grad_floor(q, k))
+                            grad_factor=3.0, floor=attention_floor(q, k))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -443,11 +443,11 @@ def test_sdpa_shapes_and_broadcasting(backend):
     for q_shape, k_shape in cases:
         q, k, v = (torch.randn(s, device=DEVICE) for s in (q_shape, k_shape, k_shape))
         grad_out = torch.randn(F.scaled_dot_product_attention(q, k, v).shape, device=DEVICE)
-        q_heads, k_heads = (t if t.dim() >= 3 else t[None] for t in (q, k))  # attention_grad_floor's layout
+        q_heads, k_heads = (t if t.dim() >= 3 else t[None] for t in (q, k))  # attention_floor's layout
         with lmrt.backend(backend):
             check_against_torch(lmrt.ops.scaled_dot_product_attention, F.scaled_dot_product_attention,
                                 reference.scaled_dot_product_attention, [q, k, v], grad_out, ["query", "key", "value"],
-                                grad_factor=3.0, grad_floor=attention_grad_floor(q_heads, k_heads))
+                                grad_factor=3.0, floor=attention_floor(q_heads, k_heads))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -817,7 +817,7 @@ def test_packed_dropout_matches_reference_with_the_same_mask(backend):
 
     with lmrt.backend(backend):
         check_against_torch(lmrt_fn, exact_fn, exact_fn, [q, k, v], torch.randn_like(q), ["q", "k", "v"],
-                            grad_floor=attention_grad_floor(q.transpose(0, 1), k.transpose(0, 1)))
+                            floor=attention_floor(q.transpose(0, 1), k.transpose(0, 1)))
 
 
 def test_dropout_under_compile_is_reproducible():
