@@ -239,8 +239,8 @@ bool attention_served(const Tensor& q, const Tensor& k, const Tensor& v, bool en
   }
   if (q.is_cuda()) {
     static const auto unsupported =
-        typed_operator<std::string(c10::Device, int64_t, int64_t)>("lmrt_C::cuda_attention_unsupported");
-    return unsupported.call(q.device(), q.size(3), v.size(3)).empty();
+        typed_operator<std::string(const Tensor&, const Tensor&, const Tensor&)>("lmrt_C::cuda_attention_unsupported");
+    return unsupported.call(q, k, v).empty();
   }
   return true;
 }

@@ -450,15 +450,19 @@ bool built_with_cuda() {
 #endif
 }
 
-// Why the CUDA attention kernels cannot serve these head dims on `device` (whose compute capability they check), or
-// "" when they can.
-std::string cuda_attention_unsupported(c10::Device device, int64_t head_dim, int64_t head_dim_v) {
+// Why the CUDA attention kernels cannot serve these (batch, heads, length, head dim) q, k and v (their head dims,
+// lengths and row count, on q's device, whose compute capability they check), or "" when they can.
+std::string cuda_attention_unsupported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "lmrt_C::cuda_attention_unsupported: q, k and v must be 4-D (batch, heads, length, head dim), not ",
+              q.dim(), "-D, ", k.dim(), "-D and ", v.dim(), "-D");
 #ifdef LMRT_WITH_CUDA
-  if (!device.is_cuda()) {
-    return "the CUDA attention kernels run on CUDA devices, not " + device.str();
+  if (!q.is_cuda()) {
+    return "the CUDA attention kernels run on CUDA devices, not " + q.device().str();
   }
-  const c10::cuda::CUDAGuard guard(device);
-  const lmrt::cuda::AttentionShape shape{1, 1, 1, 1, 1, head_dim, head_dim_v, false, false, 1.f};
+  const c10::cuda::CUDAGuard guard(q.device());
+  const lmrt::cuda::AttentionShape shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
+                                         v.size(3), false, false, 1.f};
   const char* reason = lmrt::cuda::attention_unsupported(shape);
   return reason == nullptr ? "" : reason;
 #else
@@ -484,8 +488,7 @@ TORCH_LIBRARY(lmrt_C, m) {
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
       "bool causal, bool bottom_right, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
-  m.def("cuda_attention_unsupported(Device device, int head_dim, int head_dim_v) -> str",
-        &cuda_attention_unsupported);
+  m.def("cuda_attention_unsupported(Tensor q, Tensor k, Tensor v) -> str", &cuda_attention_unsupported);
 }
 
 // One implementation per operator serves both devices: it checks the inputs once and picks the kernel by device.

@@ -165,7 +165,7 @@ def _backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_
             if mask_grad:
                 return "its attention kernels give no gradient for attn_mask"
         if name == "cuda":
-            return extension_ops().cuda_attention_unsupported(q.device, q.shape[-1], v.shape[-1]) or None
+            return extension_ops().cuda_attention_unsupported(q, k, v) or None
         return None
 
     dtypes = [q.dtype, k.dtype, v.dtype] + ([attn_mask.dtype] if attn_mask is not None and

@@ -119,7 +119,7 @@ def _check_sdpa(backend, q, k, v, attn_mask=None, one_hot_rows=False, **kwargs):
     `one_hot_rows` where every row's softmax is one-hot (no mask): the query's and key's gradients vanish, their
     floors are taken at one_hot_grad_scales, and attention_floor is left out, as such a row's lse is its maximum plus
     log 1 (measured: at most 0.7 float32 ulps at those scales)."""
-    if backend == "cuda" and extension_ops().cuda_attention_unsupported(q.device, q.shape[-1], v.shape[-1]):
+    if backend == "cuda" and extension_ops().cuda_attention_unsupported(q, k, v):
         # Chosen explicitly, the backend refuses with the reason; the default order passes such calls to triton.
         with lmrt.backend(backend), pytest.raises(RuntimeError, match="CUDA attention kernels take head dims"):
             lmrt.ops.scaled_dot_product_attention(q, k, v, attn_mask, enable_gqa=True, **kwargs)
