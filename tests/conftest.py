@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from lmrt import backends  # noqa: E402
 from tests.triton_interpreter import round_bfloat16_to_nearest_even  # noqa: E402
 
-if os.environ["TRITON_INTERPRET"] == "1":
+if backends.triton_interpreter_enabled():
     round_bfloat16_to_nearest_even()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -71,14 +71,17 @@ LARGEST_EXACT_SCORE = 2.0**25
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
-                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """scale q.k^T plus an additive mask, in float64; q and k are (..., heads, length, dim), k's heads a divisor of
-    q's, and the scale by default PyTorch's."""
+                     attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """scale q.k^T plus an additive mask, in float64, and -inf where top-left causality hides a key; q and k are
+    (..., heads, length, dim), k's heads a divisor of q's, and the scale by default PyTorch's."""
     scale = reference.default_scale(q.shape[-1]) if scale is None else scale
     group = q.shape[-3] // k.shape[-3]
     scores = (q.double() @ k.double().repeat_interleave(group, -3).transpose(-1, -2)) * scale
     if attn_mask is not None and attn_mask.is_floating_point():
         scores = scores + attn_mask.double()
+    if is_causal:
+        hidden = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(hidden, -math.inf)
     return scores
 
 

@@ -92,11 +92,7 @@ def one_hot_grad_scales(q, k, v, grad_out, scale=None, is_causal=False):
     q, k, v are (..., heads, length, dim) with as many heads; causality top-left, as F.sdpa's."""
     q, k, v, grad_out = (t.double() for t in (q, k, v, grad_out))
     scale = reference.default_scale(q.shape[-1]) if scale is None else scale
-    scores = scale * q @ k.transpose(-1, -2)
-    if is_causal:
-        visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, -math.inf)
-    p = scores.softmax(-1)
+    p = attention_scores(q, k, scale, is_causal=is_causal).softmax(-1)
     out = p @ v
     terms = p * (grad_out.abs() @ v.abs().transpose(-1, -2) + (grad_out * out).abs().sum(-1, keepdim=True))
     return {"query": scale * (terms @ k.abs()).max().item(),
@@ -107,10 +103,7 @@ def inexact_gradient_rows(q, k, scale=None, attn_mask=None, is_causal=False):
     """The query rows (batch, heads, Lq) whose largest visible score is finite but at least LARGEST_EXACT_SCORE in
     size (a mask of the dtype's minimum over the whole row, say), for which the kernels' gradients are inexact by
     design (README): the tests give them no output gradient, and check their outputs. Causality top-left."""
-    scores = attention_scores(q, k, scale, attn_mask)
-    if is_causal:
-        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1), -math.inf)
-    row_max = scores.amax(-1)
+    row_max = attention_scores(q, k, scale, attn_mask, is_causal).amax(-1)
     return row_max.isfinite() & (row_max.abs() >= LARGEST_EXACT_SCORE)
 
 
