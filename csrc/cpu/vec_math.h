@@ -90,11 +90,22 @@ __attribute__((target("avx512bf16"))) inline int64_t interleave_round_to_bfloat1
 }
 #endif
 
+// Whether this CPU has AVX512-BF16 (vcvtne2ps2bf16, vdpbf16ps; so does every CPU with AMX), as far as the compiler
+// can ask (GCC 10, Clang 9 and later, on x86).
+inline bool cpu_has_avx512_bf16() {
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__clang__) ? __clang_major__ >= 9 : defined(__GNUC__) && __GNUC__ >= 10)
+  static const bool available = __builtin_cpu_supports("avx512bf16");
+  return available;
+#else
+  return false;
+#endif
+}
+
 // Whether round_to_bfloat16 and interleave_round_to_bfloat16 take the AVX512-BF16 path on this CPU.
 inline bool has_bfloat16_rounding() {
 #if defined(LMRT_HAS_BFLOAT16_ROUNDING_PATH)
-  static const bool available = __builtin_cpu_supports("avx512bf16");
-  return available;
+  return cpu_has_avx512_bf16();
 #else
   return false;
 #endif

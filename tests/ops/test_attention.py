@@ -171,6 +171,16 @@ def test_sdpa_over_several_cpu_key_blocks(shape, dtype, causal, backend):
     _check_sdpa(backend, q, k, v, attn_mask=torch.arange(shape[4], device=DEVICE) < shape[4] - 300)
 
 
+@pytest.mark.parametrize("backend", _backends_among(("cpp",)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_bfloat16_without_onednn(causal, backend, monkeypatch):
+    """With oneDNN off (torch.backends.mkldnn), ATen's brgemm has no bfloat16 kernel, and the C++ kernel multiplies
+    bfloat16 inputs in float32, as on CPUs without bfloat16 arithmetic; on CPUs with it, the other tests check the
+    bfloat16 products."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    _check_sdpa(backend, *_qkv(1, 2, 1, 70, 1100, 64, torch.bfloat16), is_causal=causal)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", _backends_among(("triton", "cuda")))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -631,8 +641,8 @@ def test_head_dim_above_the_kernels_falls_back_or_raises(monkeypatch):
 
 @pytest.mark.parametrize("backend", _backends_among(EXTENSION_BACKENDS))
 def test_extension_backends_refuse_what_they_lack(backend, monkeypatch):
-    """Dropout, packed sequences and a float mask's gradient: a clear error when the backend was chosen, the next
-    backend (with one warning) by default."""
+    """Dropout, packed sequences and a float mask's gradient: a clear error when the backend was chosen (at the
+    forward, for the mask's gradient too), the next backend (with one warning) by default."""
     q, k, v = _qkv(1, 2, 2, 9, 12, 16, torch.float32)
     mask = torch.randn(9, 12, device=DEVICE, requires_grad=True)
     cu = torch.tensor([0, 4, 9], device=DEVICE, dtype=torch.int32)
@@ -642,10 +652,13 @@ def test_extension_backends_refuse_what_they_lack(backend, monkeypatch):
              ("its attention kernels take no packed sequences", lambda: lmrt.ops.flash_attn_varlen_func(
                  *packed, cu, cu, 5, 5)),
              ("its attention kernels give no gradient for attn_mask", lambda: lmrt.ops.scaled_dot_product_attention(
-                 q, k, v, mask).sum().backward())]
+                 q, k, v, mask))]
     for reason, call in cases:
         with lmrt.backend(backend), pytest.raises(RuntimeError, match=f"'{backend}' backend was chosen.*{reason}"):
             call()
+    with lmrt.backend(backend), torch.no_grad():  # no gradient wanted: served
+        torch.testing.assert_close(lmrt.ops.scaled_dot_product_attention(q, k, v, mask),
+                                   F.scaled_dot_product_attention(q, k, v, mask))
     monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setitem(backends._DEFAULT_ORDER, DEVICE, (backend, "torch"))
     with pytest.warns(UserWarning, match=f"'{backend}' backend cannot serve this call \\(its attention kernels"):
