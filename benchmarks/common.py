@@ -380,15 +380,18 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def device_folder(device_type: str, name: str) -> str:
+def device_folder(device_type: str, name: str, cpu_capability: str = "") -> str:
     """The results folder of a device: for a GPU its model in lower case ("NVIDIA H100 80GB HBM3" -> "h100",
-    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx4090"); for a CPU "cpu-" and its family
-    ("Intel(R) Xeon(R) Processor" -> "cpu-xeon", "AMD EPYC 7763 64-Core Processor" -> "cpu-epyc"; "cpu" when the
-    name gives none), since the CPU kernels' speed differs with the vector instructions (AMX, AVX-512, AVX2)."""
+    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx4090"); for a CPU "cpu-", its family and
+    the vector instructions torch finds, `cpu_capability` ("Intel(R) Xeon(R) Processor" and "AVX512" ->
+    "cpu-xeon-avx512", "AMD EPYC 7763 64-Core Processor" and "AVX2" -> "cpu-epyc-avx2"; "cpu" when the name gives
+    no family), since the CPU kernels' speed differs with them, and one family's name (an "AMD EPYC" of Zen 3 or
+    Zen 4) covers CPUs with and without AVX-512."""
     if device_type == "cpu":
         words = [re.sub(r"\((r|tm)\)", "", word.lower()) for word in re.split(r"[\s_-]+", name)]
         family = next((w for w in words if w.isalnum() and w not in ("intel", "amd", "genuine", "processor")), "")
-        return f"cpu-{family}" if family else "cpu"
+        capability = re.sub(r"\W+", "", cpu_capability.lower())
+        return "-".join(["cpu", *filter(None, (family, capability))])
     model = []
     for word in re.split(r"[\s_-]+", name):
         if word.lower() in ("nvidia", "geforce", "tesla", "quadro", ""):
@@ -397,6 +400,12 @@ def device_folder(device_type: str, name: str) -> str:
         if any(ch.isdigit() for ch in word):
             break
     return "".join(model) or device_type
+
+
+def results_folder(device: torch.device) -> str:
+    """The results folder of `device`, this machine's (device_folder)."""
+    capability = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else ""
+    return device_folder(device.type, device_name(device), capability)
 
 
 def _triton_version() -> str | None:
@@ -417,13 +426,14 @@ def _git_commit() -> str | None:
 
 
 def run_meta(device: torch.device, ceilings: Ceilings, **extra: Any) -> dict[str, Any]:
-    """The run's device, versions, date and commit, CPU threads, malloc setting, the ceilings it measured, and
-    `extra`."""
+    """The run's device, versions, date and commit, CPU threads and vector instructions, malloc setting, the
+    ceilings it measured, and `extra`."""
     return {
         "device": device_name(device), "device_type": device.type, "torch_version": torch.__version__,
         "triton_version": _triton_version(), "python_version": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
-        "cpu_threads": torch.get_num_threads(), "malloc": malloc_setting, **ceilings.meta(), **extra,
+        "cpu_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "malloc": malloc_setting, **ceilings.meta(), **extra,
     }
 
 
@@ -518,8 +528,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, written: str) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, metavar="DIR", help=f"write {written} into DIR")
     where.add_argument("--save", action="store_true",
-                       help=f"write them into {RESULTS.relative_to(RESULTS.parents[1])}/<device>/ (cpu-xeon, cpu-epyc, "
-                       "h100, ...)")
+                       help=f"write them into {RESULTS.relative_to(RESULTS.parents[1])}/<device>/ (cpu-xeon-avx512, "
+                       "cpu-epyc-avx2, h100, ...)")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
 
 
@@ -550,7 +560,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
 def output_dir(args: argparse.Namespace, device: torch.device) -> Path | None:
     """Where --out or --save asks the results to go, or None."""
     if getattr(args, "save", False):
-        return RESULTS / device_folder(device.type, device_name(device))
+        return RESULTS / results_folder(device)
     return args.out
 
 

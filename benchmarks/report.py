@@ -238,7 +238,7 @@ def render(results_dir: Path, out: Path) -> tuple[str, list[str]]:
         text += [f"## {device} (`{folder.name}/`)", ""]
         lines = headline(_shown(folder), reports)
         if lines:
-            headlines += [f"{device}:", *lines]
+            headlines += [f"{device} ({folder.name}):", *lines]
             text += ["Headline:", "", *lines, ""]
         for stem, report in reports.items():
             meta = report["meta"]

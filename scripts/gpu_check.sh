@@ -70,9 +70,9 @@ if [ "$install" = 1 ]; then
   fi
 fi
 "$python" -m lmrt info 2>&1 | tee -a "$summary"
-# The results folder of this device (benchmarks/results/<device>/: cpu-xeon, cpu-epyc, h100, ...) and whether it has a GPU.
+# The results folder of this device (benchmarks/results/<device>/: cpu-xeon-avx512, h100, ...) and whether it has a GPU.
 read -r device gpu _ < <("$python" -c "from benchmarks import common; import torch; d = common.default_device()
-folder = common.device_folder(d.type, common.device_name(d))
+folder = common.results_folder(d)
 print(folder, int(d.type == 'cuda'), f'(results folder {folder}; torch CUDA {torch.version.cuda})')" | tee -a "$summary")
 
 if [ "${gpu:-0}" != 1 ]; then

@@ -9,8 +9,8 @@ import pytest
 from benchmarks import harness
 from lmrt.cli import main
 
-META_FIELDS = ("device", "device_type", "torch_version", "triton_version", "python_version", "date", "git_commit",
-               "copy_bandwidth_gbps", "matmul_tflops", "providers", "pytorch_providers", "skipped")
+META_FIELDS = ("device", "device_type", "cpu_capability", "torch_version", "triton_version", "python_version", "date",
+               "git_commit", "copy_bandwidth_gbps", "matmul_tflops", "providers", "pytorch_providers", "skipped")
 
 
 @pytest.fixture(scope="session")

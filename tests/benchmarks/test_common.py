@@ -4,6 +4,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from benchmarks import common
 
@@ -16,12 +17,19 @@ def test_device_folder(name, folder):
     assert common.device_folder("cuda", name) == folder
 
 
-@pytest.mark.parametrize("name,folder", [
-    ("Intel(R) Xeon(R) Processor", "cpu-xeon"), ("AMD EPYC", "cpu-epyc"),
-    ("AMD EPYC 7763 64-Core Processor", "cpu-epyc"), ("Intel(R) Core(TM) i9-13900K", "cpu-core"), ("", "cpu"),
+@pytest.mark.parametrize("name,capability,folder", [
+    ("Intel(R) Xeon(R) Processor", "AVX512", "cpu-xeon-avx512"), ("AMD EPYC", "AVX2", "cpu-epyc-avx2"),
+    ("AMD EPYC", "AVX512", "cpu-epyc-avx512"), ("AMD EPYC 7763 64-Core Processor", "AVX2", "cpu-epyc-avx2"),
+    ("Intel(R) Core(TM) i9-13900K", "AVX2", "cpu-core-avx2"), ("Neoverse-V2", "SVE256", "cpu-neoverse-sve256"),
+    ("", "DEFAULT", "cpu-default"), ("AMD EPYC", "", "cpu-epyc"), ("", "", "cpu"),
 ])
-def test_cpu_folder_names_the_family(name, folder):
-    assert common.device_folder("cpu", name) == folder
+def test_cpu_folder_names_the_family_and_vector_instructions(name, capability, folder):
+    assert common.device_folder("cpu", name, capability) == folder
+
+
+def test_results_folder_of_this_cpu():
+    folder = common.results_folder(torch.device("cpu"))
+    assert folder.startswith("cpu") and folder.endswith(torch.backends.cpu.get_cpu_capability().lower())
 
 
 def test_time_ratios_to_each_pytorch_provider():

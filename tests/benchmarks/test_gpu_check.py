@@ -24,6 +24,6 @@ def test_gpu_check_runs_a_quick_benchmark_and_bundles_it(tmp_path):
     with tarfile.open(out / "gpu_check.tar.gz") as bundle:
         names = {name.removeprefix("./") for name in bundle.getnames()}
     if "no CUDA GPU here" in summary:  # on a GPU machine the folder is the GPU's name
-        folder = common.device_folder("cpu", common.device_name(torch.device("cpu")))
+        folder = common.results_folder(torch.device("cpu"))
         assert {f"results/{folder}/bench_softmax.{kind}" for kind in ("json", "csv", "png")} <= names, names
     assert {"BENCHMARKS.md", "logs/benchmarks.log", "summary.log"} <= names, names
