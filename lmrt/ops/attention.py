@@ -75,9 +75,11 @@ def scaled_dot_product_attention(
     mask = None
     if attn_mask is not None:
         mask = broadcast_mask(op, attn_mask, (*batch_shape, n_heads, rows, keys), q.device)
-    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad and torch.is_grad_enabled():
+    if (not is_compiling() and attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
+            and torch.is_grad_enabled()):
         # The backward will need a backend that gives the mask a gradient: a chosen backend that gives none is
-        # refused now rather than after the forward's work.
+        # refused now rather than after the forward's work (under torch.compile, whose graph the backend choice
+        # stays out of, at the backward).
         _backend(q, k, v, mask, dropout_p, False, mask_grad=True)
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     out, _ = torch.ops.lmrt.attention_fwd(q, k, v, mask, None, None, rows, keys, float(dropout_p),
