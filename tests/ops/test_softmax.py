@@ -1,5 +1,6 @@
 import inspect
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lmrt
-from lmrt import reference
+from lmrt import backends, reference
 from tests.conftest import BACKENDS, DEVICE, DTYPES, MANY_ROWS
 from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
@@ -122,6 +123,59 @@ def test_a_nan_makes_its_row_nan(n_cols, dtype, op, backend):
         y = lmrt_fn(x, -1)
     assert y[:2].isnan().all() and y[2].isfinite().all()
     torch.testing.assert_close(y, torch_fn(x, -1), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_cols", [781, 4097], ids=str)
+def test_a_row_does_not_depend_on_the_other_rows(n_cols, dtype, op, backend):
+    """Each row's output and gradient are the same bits in a call of many rows as in a call of that row alone,
+    however the call's rows are split into tasks. The C++ backward sums a row in the loop that writes the row before
+    it, for rows past two passes' width (4097), but the first row of a task on its own (any row, alone)."""
+    x = torch.randn(MANY_ROWS, n_cols, device=DEVICE, dtype=dtype)
+    grad_output = torch.randn_like(x)
+    lmrt_fn = OPS[op][0]
+    with lmrt.backend(backend):
+        together = forward_backward(lambda x: lmrt_fn(x, -1), [x], grad_output)
+        for row in (0, 1, MANY_ROWS // 2, MANY_ROWS - 1):
+            alone = forward_backward(lambda x: lmrt_fn(x, -1), [x[row : row + 1]], grad_output[row : row + 1])
+            for name, whole, single in zip(["output", "grad_input"], together, alone, strict=True):
+                assert torch.equal(whole[row : row + 1], single), f"{name} of row {row}"
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest cache of CPU 0 as Linux's sysfs gives it, as csrc/cpu/streaming_stores.h reads it; 0 if unknown."""
+    sizes = []
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip()
+        sizes.append(int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1))
+    return max(sizes, default=0)
+
+
+@pytest.mark.skipif(bool(backends.unavailable_reason("cpp", "cpu")), reason="the C++ CPU kernels are not built")
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_cols", [781, 4096, 4097], ids=str)
+def test_streaming_stores_write_the_same_bits(n_cols, dtype, op):
+    """A C++ backward that moves more bytes than half the last-level cache writes dx's rows that start aligned with
+    streaming stores (one row in 8 to 32 at 781 and 4097 columns, every row at 4096; two passes per row at 781, the
+    fused loop at 4097): the gradient is the same bits as from calls small enough for plain stores."""
+    cache = _last_level_cache_bytes()
+    if not 0 < cache <= 256 << 20:
+        pytest.skip(f"a last-level cache of {cache} bytes (sysfs): unknown, or too large a call to outgrow it")
+    bytes_per_row = 3 * n_cols * dtype.itemsize  # dy and y read, dx written
+    rows = cache // (2 * bytes_per_row) + 64
+    x = torch.randn(rows, n_cols, dtype=dtype)
+    grad_output = torch.randn_like(x)
+    lmrt_fn = OPS[op][0]
+    with lmrt.backend("cpp"):
+        whole = forward_backward(lambda x: lmrt_fn(x, -1), [x], grad_output)[1]
+        part = max(1, cache // (4 * bytes_per_row))
+        for begin in range(0, rows, part):
+            rows_part = slice(begin, begin + part)
+            alone = forward_backward(lambda x: lmrt_fn(x, -1), [x[rows_part]], grad_output[rows_part])[1]
+            assert torch.equal(whole[rows_part], alone), f"rows from {begin}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
