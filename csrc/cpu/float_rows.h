@@ -42,21 +42,26 @@ inline std::tuple<FloatVec, FloatVec> load_floats(const T* src) {
   }
 }
 
-// Store two float32 vectors as kStep elements of type T. kHardwareRounding: bfloat16 by AVX512-BF16's one
-// instruction (the caller checks has_bfloat16_rounding() and is compiled for that instruction set).
+// Two float32 vectors as one vector of kStep float16/bfloat16 elements. kHardwareRounding: bfloat16 by AVX512-BF16's
+// one instruction (the caller checks has_bfloat16_rounding() and is compiled for that instruction set).
+template <bool kHardwareRounding = false, typename T>
+inline at::vec::Vectorized<T> narrow_floats(const FloatVec& a, const FloatVec& b) {
+#if defined(LMRT_HAS_BFLOAT16_ROUNDING_PATH)
+  if constexpr (kHardwareRounding && std::is_same_v<T, c10::BFloat16>) {
+    return round_pairs_avx512bf16(a, b);
+  }
+#endif
+  return at::vec::convert_from_float<T>(a, b);
+}
+
+// Store two float32 vectors as kStep elements of type T (kHardwareRounding: as in narrow_floats).
 template <bool kHardwareRounding = false, typename T>
 inline void store_floats(T* dst, const FloatVec& a, const FloatVec& b) {
   if constexpr (std::is_same_v<T, float>) {
     a.store(dst);
     b.store(dst + FloatVec::size());
   } else {
-#if defined(LMRT_HAS_BFLOAT16_ROUNDING_PATH)
-    if constexpr (kHardwareRounding && std::is_same_v<T, c10::BFloat16>) {
-      _mm512_storeu_si512(dst, round_pairs_avx512bf16(a, b));
-      return;
-    }
-#endif
-    at::vec::convert_from_float<T>(a, b).store(dst);
+    narrow_floats<kHardwareRounding, T>(a, b).store(dst);
   }
 }
 

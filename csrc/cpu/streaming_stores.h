@@ -69,20 +69,14 @@ inline void stream_floats(T* dst, const FloatVec& a, const FloatVec& b) {
     _mm512_stream_ps(dst, a);
     _mm512_stream_ps(dst + FloatVec::size(), b);
   } else {
-#if defined(LMRT_HAS_BFLOAT16_ROUNDING_PATH)
-    if constexpr (kHardwareRounding && std::is_same_v<T, c10::BFloat16>) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), round_pairs_avx512bf16(a, b));
-      return;
-    }
-#endif
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), at::vec::convert_from_float<T>(a, b));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), narrow_floats<kHardwareRounding, T>(a, b));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     _mm256_stream_ps(dst, a);
     _mm256_stream_ps(dst + FloatVec::size(), b);
   } else {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), at::vec::convert_from_float<T>(a, b));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), narrow_floats<kHardwareRounding, T>(a, b));
   }
 #else
   store_floats<kHardwareRounding>(dst, a, b);
