@@ -5,7 +5,8 @@
 // estimate of the mean, for accuracy; RMSNorm needs only the squares), then the normalized, scaled and shifted row.
 // The row is read from memory once and re-read from L1/L2 by the second pass (float16 and bfloat16 converted in
 // registers as they are read), so the kernel moves n*s bytes in and n*s out (s = element size) and is meant to run
-// at memory bandwidth.
+// at memory bandwidth. y, and the backward's dx, are written by streaming stores when a call moves more bytes than
+// half the last-level cache (streaming_stores.h).
 // Backward, per row: dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(x_hat * w*dy)), the mean(w*dy) term for
 // LayerNorm only; each row's two means are summed in the loop that writes the previous row's dx (see norm_bwd).
 // The row sums of both passes are blocked, with compensated totals (kSumBlockSteps, float_rows.h), so that their
@@ -29,6 +30,7 @@
 
 #include "dispatch.h"
 #include "float_rows.h"
+#include "streaming_stores.h"
 
 namespace lmrt::cpu {
 
@@ -139,6 +141,7 @@ template <bool kRms, typename T>
 void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float* bias, T* y, float* mean,
               float* rstd, int64_t rows, int64_t cols, float eps) {
   constexpr int64_t kWidth = FloatVec::size();
+  const bool stream = use_streaming_stores(2 * rows * cols * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
     auto moments = start_moments<kRms>(x + begin * x_row_stride, cols);
     accumulate_row_blocked<kStep>(moments, cols);
@@ -163,16 +166,21 @@ void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float
         return v;
       };
       const int64_t vector_end = cols - cols % kStep;
-      blocked_steps<kStep>(moments, vector_end, [&](int64_t i) {
-        const auto [a, b] = load_floats(xr + i);
-        store_floats(yr + i, normalize(a, i), normalize(b, i + kWidth));
-        moments.add_step(i);
+      write_row_streamed_if(stream && stream_aligned(yr), [&](auto streamed) {
+        blocked_steps<kStep>(moments, vector_end, [&](int64_t i) {
+          const auto [a, b] = load_floats(xr + i);
+          write_floats<decltype(streamed)::value>(yr + i, normalize(a, i), normalize(b, i + kWidth));
+          moments.add_step(i);
+        });
       });
       for (int64_t i = vector_end; i < cols; ++i) {
         const float v = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;
         yr[i] = static_cast<T>((weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f));
         moments.add_element(i);
       }
+    }
+    if (stream) {
+      end_streaming_stores();
     }
   });
 }
@@ -298,6 +306,7 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
   constexpr int64_t kBwd = kBwdStep<T>;
   const int64_t vector_end = cols - cols % kBwd;
   const int64_t task_rows = bwd_rows_per_task(rows, cols);
+  const bool stream = dx != nullptr && use_streaming_stores(3 * rows * cols * static_cast<int64_t>(sizeof(T)));
   const auto row_sums = [&](int64_t r) {
     return BwdRowSums<kRms, T>(x + r * x_row_stride, dy + r * dy_row_stride, weight, kRms ? 0.f : mean[r], rstd[r]);
   };
@@ -338,17 +347,20 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
           const FloatVec g = weight != nullptr ? d * FloatVec::loadu(weight + i) : d;
           return (g - g_mean_v - x_hat * xhat_g_v) * rs_v;
         };
-        blocked_steps<kBwd>(next, vector_end, [&](int64_t i) {
-          if constexpr (std::is_same_v<T, float>) {
-            const FloatVec dx_v = column_outputs(FloatVec::loadu(dyr + i), FloatVec::loadu(xr + i), i);
-            if (dxr != nullptr) dx_v.store(dxr + i);
-          } else {
-            const auto [x0, x1] = load_floats(xr + i);
-            const auto [d0, d1] = load_floats(dyr + i);
-            const FloatVec dx0 = column_outputs(d0, x0, i), dx1 = column_outputs(d1, x1, i + kWidth);
-            if (dxr != nullptr) store_floats(dxr + i, dx0, dx1);
-          }
-          next.add_step(i);
+        write_row_streamed_if(stream && stream_aligned(dxr), [&](auto streamed) {
+          constexpr bool kStream = decltype(streamed)::value;
+          blocked_steps<kBwd>(next, vector_end, [&](int64_t i) {
+            if constexpr (std::is_same_v<T, float>) {
+              const FloatVec dx_v = column_outputs(FloatVec::loadu(dyr + i), FloatVec::loadu(xr + i), i);
+              if (dxr != nullptr) write_vector<kStream>(dxr + i, dx_v);
+            } else {
+              const auto [x0, x1] = load_floats(xr + i);
+              const auto [d0, d1] = load_floats(dyr + i);
+              const FloatVec dx0 = column_outputs(d0, x0, i), dx1 = column_outputs(d1, x1, i + kWidth);
+              if (dxr != nullptr) write_floats<kStream>(dxr + i, dx0, dx1);
+            }
+            next.add_step(i);
+          });
         });
         for (int64_t i = vector_end; i < cols; ++i) {
           const float d = static_cast<float>(dyr[i]);
@@ -373,6 +385,9 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
           }
         }
       }
+    }
+    if (stream) {
+      end_streaming_stores();
     }
   });
 }

@@ -8,8 +8,9 @@
 // bfloat16 0.19 -> 0.14 ms). float16/bfloat16 elements are converted to float32 in registers as each pass reads
 // them, so a pass re-reads the narrow row from cache rather than a float32 copy. Backward: dx = y * (dy - sum(dy *
 // y)) for softmax and dx = dy - exp(y) * sum(dy) for log-softmax, reading 2n elements (n for log-softmax's sum) and
-// writing n: narrow rows in two passes, wide ones with each row's sum formed while the previous row's dx is written,
-// and dx by streaming stores when a call outgrows the cache (softmax_bwd_task).
+// writing n: narrow rows in two passes, wide ones with each row's sum formed while the previous row's dx is written
+// (softmax_bwd_task). Both write their output by streaming stores when a call outgrows the cache
+// (streaming_stores.h).
 #include "softmax.h"
 
 #include <algorithm>
@@ -63,9 +64,11 @@ class RowMax {
 // writes this row's output, so that memory streams the next row in meanwhile (as the backward does below):
 // 1024 x 8192 float32 softmax 2.24 -> 1.93 ms (ATen 2.6), log-softmax 2.81 -> 2.15 ms (ATen 2.9-3.3).
 template <bool kLog, typename In, typename Out>
-void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, int64_t end, int64_t cols) {
-  // softmax's exp(x - max) in float32 between its last two passes: the output row itself for float32 output.
-  std::vector<float> exps_scratch(kLog || std::is_same_v<Out, float> ? 0 : cols);
+void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, int64_t end, int64_t cols,
+                      bool stream) {
+  // softmax's exp(x - max) in float32 between its last two passes: the output row itself for float32 output, unless
+  // the output is streamed (its lines would otherwise be read in for the exponentials and streamed out again).
+  std::vector<float> exps_scratch(kLog || (std::is_same_v<Out, float> && !stream) ? 0 : cols);
   RowMax<In> first(x + begin * x_row_stride);
   accumulate_row<kStep>(first, cols);
   float max = first.total();
@@ -74,7 +77,7 @@ void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, 
     Out* yr = y + r * cols;
     const FloatVec max_v(max);
     const auto exp_shifted = [&](FloatVec v) { return exp_nonpositive(v - max_v); };
-    float* exps = float_destination(yr, exps_scratch.data());
+    float* exps = stream ? exps_scratch.data() : float_destination(yr, exps_scratch.data());
     float sum = 0.f;
     if constexpr (kLog) {
       sum = sum_floats(xr, cols, exp_shifted, [&](float v) { return std::exp(v - max); });
@@ -103,16 +106,19 @@ void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, 
     // The last row of the task takes its own maximum again, from cache, for nobody: one loop serves every row.
     RowMax<In> next(x + std::min(r + 1, end - 1) * x_row_stride);
     int64_t i = 0;
-    for (; i + kStep <= cols; i += kStep) {
-      if constexpr (kLog) {
-        const auto [a, b] = load_floats(xr + i);
-        store_floats(yr + i, (a - max_v) - log_sum_v, (b - max_v) - log_sum_v);
-      } else {
-        store_floats(yr + i, FloatVec::loadu(exps + i) * inv_sum_v,
-                     FloatVec::loadu(exps + i + FloatVec::size()) * inv_sum_v);
+    write_row_streamed_if(stream && stream_aligned(yr), [&](auto streamed) {
+      constexpr bool kStream = decltype(streamed)::value;
+      for (; i + kStep <= cols; i += kStep) {
+        if constexpr (kLog) {
+          const auto [a, b] = load_floats(xr + i);
+          write_floats<kStream>(yr + i, (a - max_v) - log_sum_v, (b - max_v) - log_sum_v);
+        } else {
+          write_floats<kStream>(yr + i, FloatVec::loadu(exps + i) * inv_sum_v,
+                                FloatVec::loadu(exps + i + FloatVec::size()) * inv_sum_v);
+        }
+        next.add_step(i);
       }
-      next.add_step(i);
-    }
+    });
     for (; i < cols; ++i) {
       if constexpr (kLog) {
         yr[i] = static_cast<Out>((static_cast<float>(xr[i]) - max) - log_sum);
@@ -123,15 +129,19 @@ void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, 
     }
     max = next.total();
   }
+  if (stream) {
+    end_streaming_stores();
+  }
 }
 
 template <typename In, typename Out>
 void softmax_fwd_rows(const In* x, int64_t x_row_stride, Out* y, int64_t rows, int64_t cols, bool log) {
+  const bool stream = use_streaming_stores(rows * cols * static_cast<int64_t>(sizeof(In) + sizeof(Out)));
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
     if (log) {
-      softmax_fwd_task<true>(x, x_row_stride, y, begin, end, cols);
+      softmax_fwd_task<true>(x, x_row_stride, y, begin, end, cols, stream);
     } else {
-      softmax_fwd_task<false>(x, x_row_stride, y, begin, end, cols);
+      softmax_fwd_task<false>(x, x_row_stride, y, begin, end, cols, stream);
     }
   });
 }
@@ -185,29 +195,28 @@ void softmax_bwd_task(const Out* dy, int64_t dy_row_stride, const Out* y, int64_
     const Out* next_dyr = dy + next * dy_row_stride;
     const Out* next_yr = y + next * y_row_stride;
     const FloatVec total_v(total);
-    const bool stream_row = stream && stream_aligned(dxr);  // a step's bytes are a multiple of the alignment
     FloatVec acc0(0.f), acc1(0.f);
     int64_t i = 0;
-    for (; i + kStep <= cols; i += kStep) {
-      const auto [g0, g1] = load_floats(dyr + i);
-      const auto [v0, v1] = load_floats(yr + i);
-      if (stream_row) {
-        stream_floats<kHardwareRounding>(dxr + i, grad(g0, v0, total_v), grad(g1, v1, total_v));
-      } else {
-        store_floats<kHardwareRounding>(dxr + i, grad(g0, v0, total_v), grad(g1, v1, total_v));
-      }
-      if constexpr (kSumNext) {
-        const auto [next_g0, next_g1] = load_floats(next_dyr + i);
-        if constexpr (kLog) {
-          acc0 += next_g0;
-          acc1 += next_g1;
-        } else {
-          const auto [next_v0, next_v1] = load_floats(next_yr + i);
-          acc0 += term(next_g0, next_v0);
-          acc1 += term(next_g1, next_v1);
+    // (A step's bytes are a multiple of the streaming alignment.)
+    write_row_streamed_if(stream && stream_aligned(dxr), [&](auto streamed) {
+      for (; i + kStep <= cols; i += kStep) {
+        const auto [g0, g1] = load_floats(dyr + i);
+        const auto [v0, v1] = load_floats(yr + i);
+        write_floats<decltype(streamed)::value, kHardwareRounding>(dxr + i, grad(g0, v0, total_v),
+                                                                   grad(g1, v1, total_v));
+        if constexpr (kSumNext) {
+          const auto [next_g0, next_g1] = load_floats(next_dyr + i);
+          if constexpr (kLog) {
+            acc0 += next_g0;
+            acc1 += next_g1;
+          } else {
+            const auto [next_v0, next_v1] = load_floats(next_yr + i);
+            acc0 += term(next_g0, next_v0);
+            acc1 += term(next_g1, next_v1);
+          }
         }
       }
-    }
+    });
     float next_total = at::vec::vec_reduce_all<float>([](FloatVec a, FloatVec b) { return a + b; }, acc0 + acc1);
     for (; i < cols; ++i) {
       dxr[i] = static_cast<In>(grad(static_cast<float>(dyr[i]), static_cast<float>(yr[i]), total));

@@ -3,12 +3,16 @@
 // A plain store to a line that is not in the cache reads the line from memory first (read for ownership) and keeps
 // it in the caches, evicting other lines. A non-temporal store writes the line to memory without either. That is a
 // gain when the output would leave the caches before anyone read it, and then the inputs keep the cache too: a call
-// that streams its inputs from memory and writes an output of their size moves a third fewer bytes (a softmax
-// backward's dy, y and dx: 3 transfers, not 4). The kernels stream when a call moves more bytes (read and written)
-// than half the last-level cache, which also holds whatever else the program touches. Measured on the Zen 4 EPYC
-// (32 MiB L3), softmax backward, ATen's time: 1024 x 8192 float32 0.88x -> 0.73x, 1024 x 4096 0.94x -> 0.62x,
-// 1024 x 2048 (25 MiB moved) 1.07x -> 0.75-0.96x; a 1024 x 1024 call (12.6 MiB, under the threshold) streamed lost
-// 4%, its output being still in L3 when read back.
+// that streams its inputs from memory moves fewer bytes: a softmax backward's dy, y and dx 3 transfers, not 4; a
+// forward's x and y 2, not 3. The kernels stream when a call moves more bytes (read and written)
+// than half the last-level cache, which also holds whatever else the program touches: the softmax, LayerNorm and
+// RMSNorm forwards (y) and backwards (dx). Measured on the Zen 4 EPYC (32 MiB L3), ATen's time, block-interleaved:
+// softmax backward 1024 x 8192 float32 0.88x -> 0.73x, 1024 x 4096 0.94x -> 0.62x, 1024 x 2048 (25 MiB moved)
+// 1.07x -> 0.75-0.96x; LayerNorm forward 1024 x 4096 float32 0.79-1.00x -> 0.52-0.61x, 8192 0.90-0.97x ->
+// 0.80-0.88x, bfloat16 8192 0.79x -> 0.69x; LayerNorm backward 1024 x 2048 float32 0.91x -> 0.75x, 4096 0.80-0.85x
+// -> 0.64-0.70x, 8192 0.78-0.86x -> 0.71-0.72x; softmax forward float32 4096 0.63-0.72x -> 0.53-0.64x, 8192
+// 0.77-0.83x -> 0.72-0.73x. A 1024 x 1024 softmax backward (12.6 MiB, under the threshold) streamed lost 4%, its
+// output being still in L3 when read back.
 #pragma once
 
 #include <algorithm>
@@ -81,6 +85,50 @@ inline void stream_floats(T* dst, const FloatVec& a, const FloatVec& b) {
 #else
   store_floats<kHardwareRounding>(dst, a, b);
 #endif
+}
+
+// One float32 vector by a streaming store; `dst` as stream_floats'.
+inline void stream_vector(float* dst, const FloatVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(dst, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(dst, v);
+#else
+  v.store(dst);
+#endif
+}
+
+// store_floats, or stream_floats for kStream.
+template <bool kStream, bool kHardwareRounding = false, typename T>
+inline void write_floats(T* dst, const FloatVec& a, const FloatVec& b) {
+  if constexpr (kStream) {
+    stream_floats<kHardwareRounding>(dst, a, b);
+  } else {
+    store_floats<kHardwareRounding>(dst, a, b);
+  }
+}
+
+// One float32 vector, as write_floats writes two.
+template <bool kStream>
+inline void write_vector(float* dst, const FloatVec& v) {
+  if constexpr (kStream) {
+    stream_vector(dst, v);
+  } else {
+    v.store(dst);
+  }
+}
+
+// write_row(std::true_type{}) where `stream` (a row's choice: use_streaming_stores, and stream_aligned at its start),
+// else write_row(std::false_type{}): a row's loop is compiled once for each, and its stores (write_floats<
+// decltype(tag)::value>) take no branch each. One per store made the 1024 x 768 float32 LayerNorm forward, which
+// does not stream, 1.3-1.5x slower on the Zen 4 EPYC.
+template <typename WriteRow>
+inline void write_row_streamed_if(bool stream, const WriteRow& write_row) {
+  if (stream) {
+    write_row(std::true_type{});
+  } else {
+    write_row(std::false_type{});
+  }
 }
 
 // Orders the calling thread's streaming stores before its later stores (streaming stores are weakly ordered), so

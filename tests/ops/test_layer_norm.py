@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import lmrt
 from lmrt import reference
 from tests.conftest import BACKENDS, DEVICE, DTYPES, MANY_ROWS
+from tests.streaming_stores import check_streamed_rows_match, needs_cpp
 from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
 # (input shape, number of normalized trailing dims): odd sizes, a row longer than one block, 3-D and 4-D inputs, and
@@ -136,6 +137,17 @@ def test_mixed_precision_weight(backend):
         check_against_torch(run(lmrt.ops.layer_norm), run(F.layer_norm), run(reference.layer_norm),
                             [x, weight, bias], grad_output, ["input", "weight", "bias"])
     assert [t.dtype for t in results] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_cols", [781, 4096, 4097], ids=str)
+def test_streaming_stores_write_the_same_bits(n_cols, dtype):
+    """The C++ forward and backward of a call that outgrows the cache write y's and dx's rows that start aligned
+    with streaming stores (one row in 8 to 32 at 781 and 4097 columns, every row at 4096): the same bits as plain
+    stores'."""
+    weight, bias = torch.randn(n_cols, dtype=dtype), torch.randn(n_cols, dtype=dtype)
+    check_streamed_rows_match(lambda x: lmrt.ops.layer_norm(x, (n_cols,), weight, bias), n_cols, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,6 +10,7 @@ import lmrt
 from lmrt import reference
 from tests.conftest import BACKENDS, DEVICE, DTYPES
 from tests.ops.test_layer_norm import IN_PLACE_CASES, SHAPES, long_adversarial_rows
+from tests.streaming_stores import check_streamed_rows_match, needs_cpp
 from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
 
@@ -102,6 +103,15 @@ def test_mixed_precision_weight(backend):
         check_against_torch(run(lmrt.ops.rms_norm), run(F.rms_norm), run(reference.rms_norm), [x, weight],
                             grad_output, ["input", "weight"])
     assert [t.dtype for t in results] == [torch.bfloat16, torch.bfloat16, torch.float32]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_cols", [781, 4096, 4097], ids=str)
+def test_streaming_stores_write_the_same_bits(n_cols, dtype):
+    """As LayerNorm's (tests/ops/test_layer_norm.py)."""
+    weight = torch.randn(n_cols, dtype=dtype)
+    check_streamed_rows_match(lambda x: lmrt.ops.rms_norm(x, (n_cols,), weight), n_cols, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,6 +1,5 @@
 import inspect
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import lmrt
-from lmrt import backends, reference
+from lmrt import reference
 from tests.conftest import BACKENDS, DEVICE, DTYPES, MANY_ROWS
+from tests.streaming_stores import check_streamed_rows_match, needs_cpp
 from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
 OPS = {"softmax": (lmrt.ops.softmax, F.softmax, reference.softmax),
@@ -144,38 +144,17 @@ def test_a_row_does_not_depend_on_the_other_rows(n_cols, dtype, op, backend):
                 assert torch.equal(whole[row : row + 1], single), f"{name} of row {row}"
 
 
-def _last_level_cache_bytes() -> int:
-    """The largest cache of CPU 0 as Linux's sysfs gives it, as csrc/cpu/streaming_stores.h reads it; 0 if unknown."""
-    sizes = []
-    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = size_file.read_text().strip()
-        sizes.append(int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1))
-    return max(sizes, default=0)
-
-
-@pytest.mark.skipif(bool(backends.unavailable_reason("cpp", "cpu")), reason="the C++ CPU kernels are not built")
+@needs_cpp
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_cols", [781, 4096, 4097], ids=str)
 def test_streaming_stores_write_the_same_bits(n_cols, dtype, op):
-    """A C++ backward that moves more bytes than half the last-level cache writes dx's rows that start aligned with
-    streaming stores (one row in 8 to 32 at 781 and 4097 columns, every row at 4096; two passes per row at 781, the
-    fused loop at 4097): the gradient is the same bits as from calls small enough for plain stores."""
-    cache = _last_level_cache_bytes()
-    if not 0 < cache <= 256 << 20:
-        pytest.skip(f"a last-level cache of {cache} bytes (sysfs): unknown, or too large a call to outgrow it")
-    bytes_per_row = 3 * n_cols * dtype.itemsize  # dy and y read, dx written
-    rows = cache // (2 * bytes_per_row) + 64
-    x = torch.randn(rows, n_cols, dtype=dtype)
-    grad_output = torch.randn_like(x)
+    """The C++ forward and backward of a call that outgrows the cache write y's and dx's rows that start aligned
+    with streaming stores (one row in 8 to 32 at 781 and 4097 columns, every row at 4096; the backward in two passes
+    per row at 781, the fused loop at 4097; float32 softmax's exponentials then kept apart from y): the same bits as
+    plain stores'."""
     lmrt_fn = OPS[op][0]
-    with lmrt.backend("cpp"):
-        whole = forward_backward(lambda x: lmrt_fn(x, -1), [x], grad_output)[1]
-        part = max(1, cache // (4 * bytes_per_row))
-        for begin in range(0, rows, part):
-            rows_part = slice(begin, begin + part)
-            alone = forward_backward(lambda x: lmrt_fn(x, -1), [x[rows_part]], grad_output[rows_part])[1]
-            assert torch.equal(whole[rows_part], alone), f"rows from {begin}"
+    check_streamed_rows_match(lambda x: lmrt_fn(x, -1), n_cols, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
