@@ -153,6 +153,13 @@ inline float exp_of(float v) { return std::exp(v); }
 // L1 data cache of the x86 cores the kernels are built for (32 KiB), so that the second pass reads the row from L1.
 constexpr int64_t kTwoPassRowBytes = 16 * 1024;
 
+// Whether the backward reads a row of `cols` in two passes rather than in the loop that writes the previous row
+// (softmax_bwd_task).
+template <bool kLog, typename Out>
+bool two_pass_rows(int64_t cols) {
+  return (!kLog && sizeof(Out) < sizeof(float)) || 2 * cols * static_cast<int64_t>(sizeof(Out)) <= kTwoPassRowBytes;
+}
+
 // Backward over rows [begin, end): dx = y * (dy - sum(dy * y)) for softmax, dx = dy - exp(y) * sum(dy) for
 // log-softmax. A row's sum needs the whole row before its first dx, so each row is read twice:
 // - Rows whose dy and y fit in half of L1 (kTwoPassRowBytes) are read in two passes, the sum and then dx, the second
@@ -160,7 +167,13 @@ constexpr int64_t kTwoPassRowBytes = 16 * 1024;
 //   ATen's time with the loop below, 0.95-1.10x with two passes, ATen's own way (the same bytes through L3).
 // - Wider rows are read in one loop per row that writes the row's dx while it forms the next row's sum. Memory then
 //   streams the next row in while the current one is re-read from cache, where a separate second pass would leave
-//   it idle once the rows outgrow L1: 1024 x 8192 float32 2.82 -> 2.45 ms (ATen 2.8-2.9 ms).
+//   it idle once the rows outgrow L1: 1024 x 8192 float32 2.82 -> 2.45 ms (ATen 2.8-2.9 ms); with dx streamed,
+//   float32 softmax 512 x 16384 0.66-0.73x ATen's time against 0.79x in two passes, bfloat16 log-softmax 1024 x
+//   8192 0.52x against 0.57x.
+// - But softmax's float16 and bfloat16 rows take two passes at every width: that loop, which then reads and
+//   converts four rows of 16-bit elements at a time (dy and y of two rows), ran at ATen's speed or slower, two
+//   passes well ahead of it: bfloat16 1024 x 8192 0.94-0.97x -> 0.76-0.77x ATen's time, 1024 x 16384 0.91x ->
+//   0.72x, 128 x 65536 0.88x -> 0.65x; float16 1024 x 8192 1.00x -> 0.86x.
 // Every row's sum is accumulated in the same order (sum_floats2's), so dx does not depend on the task split or on
 // the way the row was read. With `stream`, dx's rows that start aligned are written by streaming stores
 // (streaming_stores.h: a call that moves more than half the last-level cache).
@@ -226,7 +239,7 @@ void softmax_bwd_task(const Out* dy, int64_t dy_row_stride, const Out* y, int64_
     }
     return next_total;
   };
-  if (2 * cols * static_cast<int64_t>(sizeof(Out)) <= kTwoPassRowBytes) {
+  if (two_pass_rows<kLog, Out>(cols)) {
     for (int64_t r = begin; r < end; ++r) {
       write_row(std::false_type{}, r, row_sum(r), r);
     }

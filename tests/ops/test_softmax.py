@@ -132,7 +132,8 @@ def test_a_nan_makes_its_row_nan(n_cols, dtype, op, backend):
 def test_a_row_does_not_depend_on_the_other_rows(n_cols, dtype, op, backend):
     """Each row's output and gradient are the same bits in a call of many rows as in a call of that row alone,
     however the call's rows are split into tasks. The C++ backward sums a row in the loop that writes the row before
-    it, for rows past two passes' width (4097), but the first row of a task on its own (any row, alone)."""
+    it, for rows past two passes' width (4097; float32 softmax and every log-softmax), but the first row of a task on
+    its own (any row, alone)."""
     x = torch.randn(MANY_ROWS, n_cols, device=DEVICE, dtype=dtype)
     grad_output = torch.randn_like(x)
     lmrt_fn = OPS[op][0]
@@ -151,8 +152,8 @@ def test_a_row_does_not_depend_on_the_other_rows(n_cols, dtype, op, backend):
 def test_streaming_stores_write_the_same_bits(n_cols, dtype, op):
     """The C++ forward and backward of a call that outgrows the cache write y's and dx's rows that start aligned
     with streaming stores (one row in 8 to 32 at 781 and 4097 columns, every row at 4096; the backward in two passes
-    per row at 781, the fused loop at 4097; float32 softmax's exponentials then kept apart from y): the same bits as
-    plain stores'."""
+    per row at 781, at 4097 the fused loop but for float16 and bfloat16 softmax; float32 softmax's exponentials kept
+    apart from y): the same bits as plain stores'."""
     lmrt_fn = OPS[op][0]
     check_streamed_rows_match(lambda x: lmrt_fn(x, -1), n_cols, dtype)
 
