@@ -147,15 +147,16 @@ def test_a_row_does_not_depend_on_the_other_rows(n_cols, dtype, op, backend):
 
 @needs_cpp
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,out_dtype", [(t, None) for t in DTYPES] + [(torch.bfloat16, torch.float32)], ids=str)
 @pytest.mark.parametrize("n_cols", [781, 4096, 4097], ids=str)
-def test_streaming_stores_write_the_same_bits(n_cols, dtype, op):
+def test_streaming_stores_write_the_same_bits(n_cols, dtype, out_dtype, op):
     """The C++ forward and backward of a call that outgrows the cache write y's and dx's rows that start aligned
     with streaming stores (one row in 8 to 32 at 781 and 4097 columns, every row at 4096; the backward in two passes
     per row at 781, at 4097 the fused loop but for float16 and bfloat16 softmax; float32 softmax's exponentials kept
-    apart from y): the same bits as plain stores'."""
+    apart from y, bfloat16 input's too when `dtype=torch.float32` asks for a float32 y): the same bits as plain
+    stores'."""
     lmrt_fn = OPS[op][0]
-    check_streamed_rows_match(lambda x: lmrt_fn(x, -1), n_cols, dtype)
+    check_streamed_rows_match(lambda x: lmrt_fn(x, -1, dtype=out_dtype), n_cols, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
