@@ -6,7 +6,8 @@
 // The row is read from memory once and re-read from L1/L2 by the second pass (float16 and bfloat16 converted in
 // registers as they are read), so the kernel moves n*s bytes in and n*s out (s = element size) and is meant to run
 // at memory bandwidth. y, and the backward's dx, are written by streaming stores when a call moves more bytes than
-// half the last-level cache (streaming_stores.h).
+// half the last-level cache (streaming_stores.h), and rounded to bfloat16 by AVX512-BF16 where the CPU has it
+// (with_bfloat16_rounding, float_rows.h).
 // Backward, per row: dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(x_hat * w*dy)), the mean(w*dy) term for
 // LayerNorm only; each row's two means are summed in the loop that writes the previous row's dx (see norm_bwd).
 // The row sums of both passes are blocked, with compensated totals (kSumBlockSteps, float_rows.h), so that their
@@ -143,42 +144,46 @@ void norm_fwd(const T* x, int64_t x_row_stride, const float* weight, const float
   constexpr int64_t kWidth = FloatVec::size();
   const bool stream = use_streaming_stores(2 * rows * cols * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    auto moments = start_moments<kRms>(x + begin * x_row_stride, cols);
-    accumulate_row_blocked<kStep>(moments, cols);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * x_row_stride;
-      const auto [mu, var] = row_moments(moments, xr, cols);
-      const float rs = 1.f / std::sqrt(var + eps);
-      if constexpr (!kRms) {
-        mean[r] = mu;
-      }
-      rstd[r] = rs;
-      // The last row of the task sums itself again, from cache, for nobody: one loop serves every row.
-      moments = start_moments<kRms>(x + std::min(r + 1, end - 1) * x_row_stride, cols);
-      // y = (x - mean) * rstd * weight + bias (LayerNorm), or x * rstd * weight (RMSNorm), in float32 whatever T
-      // is; `weight` and `bias` may be null.
-      T* yr = y + r * cols;
-      const FloatVec mean_v(mu), rstd_v(rs);
-      const auto normalize = [&](FloatVec v, int64_t i) {
-        v = (kRms ? v : v - mean_v) * rstd_v;
-        if (weight != nullptr) v = v * FloatVec::loadu(weight + i);
-        if (bias != nullptr) v = v + FloatVec::loadu(bias + i);
-        return v;
-      };
-      const int64_t vector_end = cols - cols % kStep;
-      write_row_streamed_if(stream && stream_aligned(yr), [&](auto streamed) {
-        blocked_steps<kStep>(moments, vector_end, [&](int64_t i) {
-          const auto [a, b] = load_floats(xr + i);
-          write_floats<decltype(streamed)::value>(yr + i, normalize(a, i), normalize(b, i + kWidth));
-          moments.add_step(i);
+    with_bfloat16_rounding<T>([&](auto hardware_rounding) {
+      constexpr bool kHardwareRounding = decltype(hardware_rounding)::value;
+      auto moments = start_moments<kRms>(x + begin * x_row_stride, cols);
+      accumulate_row_blocked<kStep>(moments, cols);
+      for (int64_t r = begin; r < end; ++r) {
+        const T* xr = x + r * x_row_stride;
+        const auto [mu, var] = row_moments(moments, xr, cols);
+        const float rs = 1.f / std::sqrt(var + eps);
+        if constexpr (!kRms) {
+          mean[r] = mu;
+        }
+        rstd[r] = rs;
+        // The last row of the task sums itself again, from cache, for nobody: one loop serves every row.
+        moments = start_moments<kRms>(x + std::min(r + 1, end - 1) * x_row_stride, cols);
+        // y = (x - mean) * rstd * weight + bias (LayerNorm), or x * rstd * weight (RMSNorm), in float32 whatever T
+        // is; `weight` and `bias` may be null.
+        T* yr = y + r * cols;
+        const FloatVec mean_v(mu), rstd_v(rs);
+        const auto normalize = [&](FloatVec v, int64_t i) {
+          v = (kRms ? v : v - mean_v) * rstd_v;
+          if (weight != nullptr) v = v * FloatVec::loadu(weight + i);
+          if (bias != nullptr) v = v + FloatVec::loadu(bias + i);
+          return v;
+        };
+        const int64_t vector_end = cols - cols % kStep;
+        write_row_streamed_if(stream && stream_aligned(yr), [&](auto streamed) {
+          blocked_steps<kStep>(moments, vector_end, [&](int64_t i) {
+            const auto [a, b] = load_floats(xr + i);
+            write_floats<decltype(streamed)::value, kHardwareRounding>(yr + i, normalize(a, i),
+                                                                       normalize(b, i + kWidth));
+            moments.add_step(i);
+          });
         });
-      });
-      for (int64_t i = vector_end; i < cols; ++i) {
-        const float v = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;
-        yr[i] = static_cast<T>((weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f));
-        moments.add_element(i);
+        for (int64_t i = vector_end; i < cols; ++i) {
+          const float v = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;
+          yr[i] = static_cast<T>((weight != nullptr ? v * weight[i] : v) + (bias != nullptr ? bias[i] : 0.f));
+          moments.add_element(i);
+        }
       }
-    }
+    });
     if (stream) {
       end_streaming_stores();
     }
@@ -311,81 +316,84 @@ void norm_bwd(const T* dy, int64_t dy_row_stride, const T* x, int64_t x_row_stri
     return BwdRowSums<kRms, T>(x + r * x_row_stride, dy + r * dy_row_stride, weight, kRms ? 0.f : mean[r], rstd[r]);
   };
   at::parallel_for(0, bwd_task_count(rows, cols), 1, [&](int64_t task_begin, int64_t task_end) {
-    // dw and db sum a block of rows: the task's first block straight into the task's partial sums, each later one
-    // into block_sums (zero whenever unused), then added to the partial sums. A task of at most kBlockRows rows
-    // (every task of a 2048 x 1024 input, say) thus never touches block_sums.
-    std::vector<float> block_sums;
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      float* dw_task = dweight_partial != nullptr ? dweight_partial + task * cols : nullptr;
-      float* db_task = dbias_partial != nullptr ? dbias_partial + task * cols : nullptr;
-      for (float* sums : {dw_task, db_task}) {
-        if (sums != nullptr) std::fill(sums, sums + cols, 0.f);
-      }
-      float* dw = dw_task;
-      float* db = db_task;
-      const int64_t row_begin = task * task_rows, row_end = std::min(rows, (task + 1) * task_rows);
-      auto first = row_sums(row_begin);
-      accumulate_row_blocked<kBwd>(first, cols);
-      auto [g_xhat_sum, g_sum] = first.totals();
-      for (int64_t r = row_begin; r < row_end; ++r) {
-        const T* xr = x + r * x_row_stride;
-        const T* dyr = dy + r * dy_row_stride;
-        const float mu = kRms ? 0.f : mean[r];
-        const float rs = rstd[r];
-        const float inv_n = 1.f / static_cast<float>(cols);
-        const float xhat_g = g_xhat_sum * inv_n, g_mean = g_sum * inv_n;
-        T* dxr = dx != nullptr ? dx + r * cols : nullptr;
-        // The last row of the task sums itself again, from cache, for nobody: one loop serves every row.
-        auto next = row_sums(std::min(r + 1, row_end - 1));
-        // One pass for every output: dx = (g - mean(g) - x_hat * mean(g * x_hat)) * rstd, dweight += dy * x_hat,
-        // dbias += dy.
-        const FloatVec mu_v(mu), rs_v(rs), g_mean_v(g_mean), xhat_g_v(xhat_g);
-        const auto column_outputs = [&](FloatVec d, FloatVec xv, int64_t i) {
-          const FloatVec x_hat = (kRms ? xv : xv - mu_v) * rs_v;
-          if (dw != nullptr) at::vec::fmadd(d, x_hat, FloatVec::loadu(dw + i)).store(dw + i);
-          if (db != nullptr) (FloatVec::loadu(db + i) + d).store(db + i);
-          const FloatVec g = weight != nullptr ? d * FloatVec::loadu(weight + i) : d;
-          return (g - g_mean_v - x_hat * xhat_g_v) * rs_v;
-        };
-        write_row_streamed_if(stream && stream_aligned(dxr), [&](auto streamed) {
-          constexpr bool kStream = decltype(streamed)::value;
-          blocked_steps<kBwd>(next, vector_end, [&](int64_t i) {
-            if constexpr (std::is_same_v<T, float>) {
-              const FloatVec dx_v = column_outputs(FloatVec::loadu(dyr + i), FloatVec::loadu(xr + i), i);
-              if (dxr != nullptr) write_vector<kStream>(dxr + i, dx_v);
-            } else {
-              const auto [x0, x1] = load_floats(xr + i);
-              const auto [d0, d1] = load_floats(dyr + i);
-              const FloatVec dx0 = column_outputs(d0, x0, i), dx1 = column_outputs(d1, x1, i + kWidth);
-              if (dxr != nullptr) write_floats<kStream>(dxr + i, dx0, dx1);
-            }
-            next.add_step(i);
+    with_bfloat16_rounding<T>([&](auto hardware_rounding) {
+      constexpr bool kHardwareRounding = decltype(hardware_rounding)::value;
+      // dw and db sum a block of rows: the task's first block straight into the task's partial sums, each later one
+      // into block_sums (zero whenever unused), then added to the partial sums. A task of at most kBlockRows rows
+      // (every task of a 2048 x 1024 input, say) thus never touches block_sums.
+      std::vector<float> block_sums;
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        float* dw_task = dweight_partial != nullptr ? dweight_partial + task * cols : nullptr;
+        float* db_task = dbias_partial != nullptr ? dbias_partial + task * cols : nullptr;
+        for (float* sums : {dw_task, db_task}) {
+          if (sums != nullptr) std::fill(sums, sums + cols, 0.f);
+        }
+        float* dw = dw_task;
+        float* db = db_task;
+        const int64_t row_begin = task * task_rows, row_end = std::min(rows, (task + 1) * task_rows);
+        auto first = row_sums(row_begin);
+        accumulate_row_blocked<kBwd>(first, cols);
+        auto [g_xhat_sum, g_sum] = first.totals();
+        for (int64_t r = row_begin; r < row_end; ++r) {
+          const T* xr = x + r * x_row_stride;
+          const T* dyr = dy + r * dy_row_stride;
+          const float mu = kRms ? 0.f : mean[r];
+          const float rs = rstd[r];
+          const float inv_n = 1.f / static_cast<float>(cols);
+          const float xhat_g = g_xhat_sum * inv_n, g_mean = g_sum * inv_n;
+          T* dxr = dx != nullptr ? dx + r * cols : nullptr;
+          // The last row of the task sums itself again, from cache, for nobody: one loop serves every row.
+          auto next = row_sums(std::min(r + 1, row_end - 1));
+          // One pass for every output: dx = (g - mean(g) - x_hat * mean(g * x_hat)) * rstd, dweight += dy * x_hat,
+          // dbias += dy.
+          const FloatVec mu_v(mu), rs_v(rs), g_mean_v(g_mean), xhat_g_v(xhat_g);
+          const auto column_outputs = [&](FloatVec d, FloatVec xv, int64_t i) {
+            const FloatVec x_hat = (kRms ? xv : xv - mu_v) * rs_v;
+            if (dw != nullptr) at::vec::fmadd(d, x_hat, FloatVec::loadu(dw + i)).store(dw + i);
+            if (db != nullptr) (FloatVec::loadu(db + i) + d).store(db + i);
+            const FloatVec g = weight != nullptr ? d * FloatVec::loadu(weight + i) : d;
+            return (g - g_mean_v - x_hat * xhat_g_v) * rs_v;
+          };
+          write_row_streamed_if(stream && stream_aligned(dxr), [&](auto streamed) {
+            constexpr bool kStream = decltype(streamed)::value;
+            blocked_steps<kBwd>(next, vector_end, [&](int64_t i) {
+              if constexpr (std::is_same_v<T, float>) {
+                const FloatVec dx_v = column_outputs(FloatVec::loadu(dyr + i), FloatVec::loadu(xr + i), i);
+                if (dxr != nullptr) write_vector<kStream>(dxr + i, dx_v);
+              } else {
+                const auto [x0, x1] = load_floats(xr + i);
+                const auto [d0, d1] = load_floats(dyr + i);
+                const FloatVec dx0 = column_outputs(d0, x0, i), dx1 = column_outputs(d1, x1, i + kWidth);
+                if (dxr != nullptr) write_floats<kStream, kHardwareRounding>(dxr + i, dx0, dx1);
+              }
+              next.add_step(i);
+            });
           });
-        });
-        for (int64_t i = vector_end; i < cols; ++i) {
-          const float d = static_cast<float>(dyr[i]);
-          const float x_hat = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;
-          if (dw != nullptr) dw[i] = std::fma(d, x_hat, dw[i]);
-          if (db != nullptr) db[i] += d;
-          if (dxr != nullptr) {
-            const float g = weight != nullptr ? d * weight[i] : d;
-            dxr[i] = static_cast<T>((g - g_mean - x_hat * xhat_g) * rs);
+          for (int64_t i = vector_end; i < cols; ++i) {
+            const float d = static_cast<float>(dyr[i]);
+            const float x_hat = (kRms ? static_cast<float>(xr[i]) : static_cast<float>(xr[i]) - mu) * rs;
+            if (dw != nullptr) dw[i] = std::fma(d, x_hat, dw[i]);
+            if (db != nullptr) db[i] += d;
+            if (dxr != nullptr) {
+              const float g = weight != nullptr ? d * weight[i] : d;
+              dxr[i] = static_cast<T>((g - g_mean - x_hat * xhat_g) * rs);
+            }
+            next.add_element(i);
           }
-          next.add_element(i);
-        }
-        std::tie(g_xhat_sum, g_sum) = next.totals();
-        const bool block_ends = (r - row_begin) % kBlockRows == kBlockRows - 1 || r + 1 == row_end;
-        if (block_ends && (dw != nullptr || db != nullptr)) {
-          add_block_sums(dw, dw_task, cols);
-          add_block_sums(db, db_task, cols);
-          if (dw == dw_task && db == db_task && r + 1 < row_end) {  // the first block ends: the next sum apart
-            block_sums.resize(2 * cols);
-            dw = dw_task != nullptr ? block_sums.data() : nullptr;
-            db = db_task != nullptr ? block_sums.data() + cols : nullptr;
+          std::tie(g_xhat_sum, g_sum) = next.totals();
+          const bool block_ends = (r - row_begin) % kBlockRows == kBlockRows - 1 || r + 1 == row_end;
+          if (block_ends && (dw != nullptr || db != nullptr)) {
+            add_block_sums(dw, dw_task, cols);
+            add_block_sums(db, db_task, cols);
+            if (dw == dw_task && db == db_task && r + 1 < row_end) {  // the first block ends: the next sum apart
+              block_sums.resize(2 * cols);
+              dw = dw_task != nullptr ? block_sums.data() : nullptr;
+              db = db_task != nullptr ? block_sums.data() + cols : nullptr;
+            }
           }
         }
       }
-    }
+    });
     if (stream) {
       end_streaming_stores();
     }

@@ -63,7 +63,7 @@ class RowMax {
 // The first reads the row from memory, the others from cache; the next row's maximum is taken in the loop that
 // writes this row's output, so that memory streams the next row in meanwhile (as the backward does below):
 // 1024 x 8192 float32 softmax 2.24 -> 1.93 ms (ATen 2.6), log-softmax 2.81 -> 2.15 ms (ATen 2.9-3.3).
-template <bool kLog, typename In, typename Out>
+template <bool kLog, typename In, typename Out, bool kHardwareRounding = false>
 void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, int64_t end, int64_t cols,
                       bool stream) {
   // softmax's exp(x - max) in float32 between its last two passes: the output row itself for float32 output, unless
@@ -111,10 +111,10 @@ void softmax_fwd_task(const In* x, int64_t x_row_stride, Out* y, int64_t begin, 
       for (; i + kStep <= cols; i += kStep) {
         if constexpr (kLog) {
           const auto [a, b] = load_floats(xr + i);
-          write_floats<kStream>(yr + i, (a - max_v) - log_sum_v, (b - max_v) - log_sum_v);
+          write_floats<kStream, kHardwareRounding>(yr + i, (a - max_v) - log_sum_v, (b - max_v) - log_sum_v);
         } else {
-          write_floats<kStream>(yr + i, FloatVec::loadu(exps + i) * inv_sum_v,
-                                FloatVec::loadu(exps + i + FloatVec::size()) * inv_sum_v);
+          write_floats<kStream, kHardwareRounding>(yr + i, FloatVec::loadu(exps + i) * inv_sum_v,
+                                                   FloatVec::loadu(exps + i + FloatVec::size()) * inv_sum_v);
         }
         next.add_step(i);
       }
@@ -138,11 +138,14 @@ template <typename In, typename Out>
 void softmax_fwd_rows(const In* x, int64_t x_row_stride, Out* y, int64_t rows, int64_t cols, bool log) {
   const bool stream = use_streaming_stores(rows * cols * static_cast<int64_t>(sizeof(In) + sizeof(Out)));
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    if (log) {
-      softmax_fwd_task<true>(x, x_row_stride, y, begin, end, cols, stream);
-    } else {
-      softmax_fwd_task<false>(x, x_row_stride, y, begin, end, cols, stream);
-    }
+    with_bfloat16_rounding<Out>([&](auto hardware_rounding) {
+      constexpr bool kHardwareRounding = decltype(hardware_rounding)::value;
+      if (log) {
+        softmax_fwd_task<true, In, Out, kHardwareRounding>(x, x_row_stride, y, begin, end, cols, stream);
+      } else {
+        softmax_fwd_task<false, In, Out, kHardwareRounding>(x, x_row_stride, y, begin, end, cols, stream);
+      }
+    });
   });
 }
 
@@ -255,42 +258,23 @@ void softmax_bwd_task(const Out* dy, int64_t dy_row_stride, const Out* y, int64_
   }
 }
 
-#if defined(LMRT_HAS_BFLOAT16_ROUNDING_PATH)
-// softmax_bwd_task for bfloat16 rows, compiled for AVX512-BF16 and with every call inlined (flatten), so that dx is
-// rounded by vcvtne2ps2bf16 in the loop rather than by at::vec's integer rounding, which took most of the loop's
-// time (a call to round_pairs_avx512bf16 from code compiled without the instruction set is not inlined, and gained
-// nothing). On the Zen 4 EPYC, 1024 x 768 and 1024 x 1024 backward: 1.09-1.13x ATen's time -> 0.82-0.86x.
-template <bool kLog>
-__attribute__((target("avx512bf16"), flatten)) void softmax_bwd_task_avx512bf16(
-    const c10::BFloat16* dy, int64_t dy_row_stride, const c10::BFloat16* y, int64_t y_row_stride, c10::BFloat16* dx,
-    int64_t begin, int64_t end, int64_t cols, bool stream) {
-  softmax_bwd_task<kLog, c10::BFloat16, c10::BFloat16, true>(dy, dy_row_stride, y, y_row_stride, dx, begin, end,
-                                                               cols, stream);
-}
-#endif
-
 template <typename Out, typename In>
 void softmax_bwd_rows(const Out* dy, int64_t dy_row_stride, const Out* y, int64_t y_row_stride, In* dx, int64_t rows,
                       int64_t cols, bool log) {
   const bool stream = use_streaming_stores(rows * cols * static_cast<int64_t>(2 * sizeof(Out) + sizeof(In)));
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-#if defined(LMRT_HAS_BFLOAT16_ROUNDING_PATH)
-    if constexpr (std::is_same_v<Out, c10::BFloat16> && std::is_same_v<In, c10::BFloat16>) {
-      if (has_bfloat16_rounding()) {
-        if (log) {
-          softmax_bwd_task_avx512bf16<true>(dy, dy_row_stride, y, y_row_stride, dx, begin, end, cols, stream);
-        } else {
-          softmax_bwd_task_avx512bf16<false>(dy, dy_row_stride, y, y_row_stride, dx, begin, end, cols, stream);
-        }
-        return;
+    // bfloat16 dx rounded by vcvtne2ps2bf16 where the CPU has it (with_bfloat16_rounding, float_rows.h): on the
+    // Zen 4 EPYC, 1024 x 768 and 1024 x 1024 bfloat16 backward 1.09-1.13x ATen's time -> 0.82-0.86x.
+    with_bfloat16_rounding<In>([&](auto hardware_rounding) {
+      constexpr bool kHardwareRounding = decltype(hardware_rounding)::value;
+      if (log) {
+        softmax_bwd_task<true, Out, In, kHardwareRounding>(dy, dy_row_stride, y, y_row_stride, dx, begin, end, cols,
+                                                           stream);
+      } else {
+        softmax_bwd_task<false, Out, In, kHardwareRounding>(dy, dy_row_stride, y, y_row_stride, dx, begin, end, cols,
+                                                            stream);
       }
-    }
-#endif
-    if (log) {
-      softmax_bwd_task<true>(dy, dy_row_stride, y, y_row_stride, dx, begin, end, cols, stream);
-    } else {
-      softmax_bwd_task<false>(dy, dy_row_stride, y, y_row_stride, dx, begin, end, cols, stream);
-    }
+    });
   });
 }
 

@@ -98,7 +98,7 @@ inline void stream_vector(float* dst, const FloatVec& v) {
 #endif
 }
 
-// store_floats, or stream_floats for kStream.
+// store_floats, or stream_floats for kStream (kHardwareRounding: as in narrow_floats).
 template <bool kStream, bool kHardwareRounding = false, typename T>
 inline void write_floats(T* dst, const FloatVec& a, const FloatVec& b) {
   if constexpr (kStream) {
