@@ -38,6 +38,9 @@ def _backend_params() -> list:
 BACKENDS = _backend_params()
 # The backends of the extension lmrt._C, whose attention has no dropout, packed sequences or mask gradient.
 EXTENSION_BACKENDS = ("cpp", "cuda")
+# A test of the C++ CPU kernels themselves (streaming stores, bfloat16 rounding), skipped where they are not built.
+needs_cpp = pytest.mark.skipif(bool(backends.unavailable_reason("cpp", "cpu")),
+                               reason=f"backend cpp: {backends.unavailable_reason('cpp', 'cpu')}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,11 +8,7 @@ import pytest
 import torch
 
 import lmrt
-from lmrt import backends
 from tests.tolerance import forward_backward
-
-needs_cpp = pytest.mark.skipif(bool(backends.unavailable_reason("cpp", "cpu")),
-                               reason="the C++ CPU kernels are not built")
 
 
 def last_level_cache_bytes() -> int:

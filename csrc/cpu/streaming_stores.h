@@ -59,35 +59,13 @@ inline bool use_streaming_stores(int64_t bytes_moved) {
 #endif
 }
 
-// The alignment stream_floats needs of its destination: one vector's bytes.
+// The alignment streaming stores need of their destination: one vector's bytes.
 constexpr int64_t kStreamAlignment = sizeof(FloatVec);
 
 inline bool stream_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kStreamAlignment == 0; }
 
-// store_floats with streaming stores; `dst` is kStreamAlignment-aligned and use_streaming_stores was true (so the
-// build has them). The writing thread calls end_streaming_stores() before another reads what it wrote.
-template <bool kHardwareRounding = false, typename T>
-inline void stream_floats(T* dst, const FloatVec& a, const FloatVec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(dst, a);
-    _mm512_stream_ps(dst + FloatVec::size(), b);
-  } else {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), narrow_floats<kHardwareRounding, T>(a, b));
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(dst, a);
-    _mm256_stream_ps(dst + FloatVec::size(), b);
-  } else {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), narrow_floats<kHardwareRounding, T>(a, b));
-  }
-#else
-  store_floats<kHardwareRounding>(dst, a, b);
-#endif
-}
-
-// One float32 vector by a streaming store; `dst` as stream_floats'.
+// One float32 vector by a streaming store; `dst` is kStreamAlignment-aligned and use_streaming_stores was true (so
+// the build has them). The writing thread calls end_streaming_stores() before another reads what it wrote.
 inline void stream_vector(float* dst, const FloatVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm512_stream_ps(dst, v);
@@ -96,6 +74,29 @@ inline void stream_vector(float* dst, const FloatVec& v) {
 #else
   v.store(dst);
 #endif
+}
+
+// One vector of float16/bfloat16 elements by a streaming store; `dst` as stream_vector's.
+template <typename T>
+inline void stream_vector(T* dst, const at::vec::Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
+#else
+  v.store(dst);
+#endif
+}
+
+// store_floats with streaming stores; `dst` as stream_vector's.
+template <bool kHardwareRounding = false, typename T>
+inline void stream_floats(T* dst, const FloatVec& a, const FloatVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    stream_vector(dst, a);
+    stream_vector(dst + FloatVec::size(), b);
+  } else {
+    stream_vector(dst, narrow_floats<kHardwareRounding, T>(a, b));
+  }
 }
 
 // store_floats, or stream_floats for kStream (kHardwareRounding: as in narrow_floats).

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lmrt
-from tests.streaming_stores import needs_cpp
+from tests.conftest import needs_cpp
 
 FORWARDS = {
     "layer_norm": lambda x, weight, bias: lmrt.ops.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype)),

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import lmrt
 from lmrt import reference
-from tests.conftest import BACKENDS, DEVICE, DTYPES, MANY_ROWS
-from tests.streaming_stores import check_streamed_rows_match, needs_cpp
+from tests.conftest import BACKENDS, DEVICE, DTYPES, MANY_ROWS, needs_cpp
+from tests.streaming_stores import check_streamed_rows_match
 from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
 # (input shape, number of normalized trailing dims): odd sizes, a row longer than one block, 3-D and 4-D inputs, and

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import lmrt
 from lmrt import reference
-from tests.conftest import BACKENDS, DEVICE, DTYPES
+from tests.conftest import BACKENDS, DEVICE, DTYPES, needs_cpp
 from tests.ops.test_layer_norm import IN_PLACE_CASES, SHAPES, long_adversarial_rows
-from tests.streaming_stores import check_streamed_rows_match, needs_cpp
+from tests.streaming_stores import check_streamed_rows_match
 from tests.tolerance import check_against_torch, check_compiled_matches_eager, forward_backward
 
 
